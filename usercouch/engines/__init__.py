@@ -1,0 +1,59 @@
+"""The engine registry: pick a server by name, by ``USERCOUCH_ENGINE``, or by what is installed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from ..errors import EngineNotFound
+from .base import Engine, Launch, Ready
+from .pouchdb import PouchDBServer
+
+#: Engine names and how to build each with its default discovery.
+ENGINES: dict[str, Callable[[], Engine]] = {
+    "pouchdb": PouchDBServer,
+}
+#: Auto-detection tries these in order: the real CouchDB first.
+AUTO_ORDER = ("couchdb", "pouchdb")
+
+__all__ = ["ENGINES", "Engine", "Launch", "Ready", "auto_detect", "get_engine"]
+
+
+def _by_name(name: str) -> Engine:
+    try:
+        factory = ENGINES[name]
+    except KeyError:
+        known = ", ".join(repr(n) for n in ENGINES)
+        raise ValueError(f"unknown engine {name!r}; known engines: {known}") from None
+    return factory()
+
+
+def auto_detect() -> Engine:
+    """The best engine installed here, or EngineNotFound saying how to get one."""
+    reasons = []
+    for name in AUTO_ORDER:
+        if name not in ENGINES:
+            continue
+        try:
+            return ENGINES[name]()
+        except EngineNotFound as exc:
+            reasons.append(str(exc))
+    raise EngineNotFound(
+        "no CouchDB-compatible server found. Either install Apache CouchDB 3.x (and set "
+        "COUCHDB_HOME if it is not in /opt/couchdb or on PATH), or run:\n"
+        "    python -m usercouch install pouchdb\n"
+        "What was looked at:\n" + "\n".join(reasons)
+    )
+
+
+def get_engine(spec: str | Engine | None = None) -> Engine:
+    """Resolve UserCouch's ``engine`` argument: an Engine, a name, or None (auto)."""
+    if isinstance(spec, Engine):
+        return spec
+    if spec is None:
+        spec = os.environ.get("USERCOUCH_ENGINE") or None
+        if spec is None or spec == "auto":
+            return auto_detect()
+    if not isinstance(spec, str):
+        raise TypeError(f"engine must be None, a name or an Engine; got {type(spec).__name__}")
+    return _by_name(spec)

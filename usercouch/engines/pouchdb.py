@@ -1,0 +1,218 @@
+"""PouchDB Server: the CouchDB-compatible engine that installs anywhere Node.js does.
+
+usercouch runs it through its own small launcher (``pouchdb_server/launcher.js``) built on
+the pinned npm packages, which adds what a private couch needs and the stock bin lacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+from .. import process
+from ..config import Options, pbkdf2_hash, random_hex
+from ..errors import ConfigError, EngineNotFound, UserCouchError
+from ..layout import Paths, write_private
+from .base import Engine, Launch, Ready, child_environ
+
+CONFIG_NAME = "pouchdb-server.json"
+# PouchDB Server checks passwords in pure JavaScript on every request, so the iteration
+# count is PouchDB's own default. The random password has 120 bits: brute force is moot.
+HASH_ITERATIONS = 10
+_LOG_LEVELS = {
+    "debug": "debug", "info": "info", "notice": "info", "warning": "warning",
+    "error": "error", "critical": "error", "alert": "error", "emergency": "error",
+    "none": "none",
+}
+_RUNTIME_FILES = ("package.json", "package-lock.json", ".npmrc")
+_STAMP = ".usercouch-installed"
+
+
+def runtime_dir() -> str:
+    """The folder inside the package holding the launcher and the pinned npm manifest."""
+    return str(resources.files("usercouch.engines").joinpath("pouchdb_server"))
+
+
+def default_home() -> str:
+    """Where ``install`` puts PouchDB Server unless told otherwise (a per-user cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "usercouch", "pouchdb-server")
+
+
+def _lock_digest() -> str:
+    with open(os.path.join(runtime_dir(), "package-lock.json"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def is_installed(home: str) -> bool:
+    """True if ``home`` holds the exact pinned PouchDB Server this usercouch expects."""
+    try:
+        with open(os.path.join(home, _STAMP), encoding="ascii") as f:
+            stamp = f.read().strip()
+    except OSError:
+        return False
+    server = os.path.join(home, "node_modules", "pouchdb-server", "package.json")
+    return stamp == _lock_digest() and os.path.isfile(server)
+
+
+def find_npm() -> str:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise EngineNotFound("npm not found on PATH: install Node.js (>= 14) with npm first")
+    return npm
+
+
+def install(
+    prefix: str | None = None,
+    *,
+    progress: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+) -> str:
+    """Install the pinned PouchDB Server into ``prefix`` (default: the per-user cache).
+
+    Idempotent: a prefix that already holds this exact lockfile's packages is left alone.
+    Returns the prefix.
+    """
+    home = os.path.abspath(prefix or default_home())
+    if is_installed(home):
+        progress(f"PouchDB Server already installed in {home}")
+        return home
+    npm = find_npm()
+    os.makedirs(home, exist_ok=True)
+    for name in _RUNTIME_FILES:
+        shutil.copyfile(os.path.join(runtime_dir(), name), os.path.join(home, name))
+    progress(f"installing PouchDB Server into {home} (npm ci) ...")
+    result = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=home,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise UserCouchError(
+            f"npm ci failed in {home} (exit status {result.returncode}):\n{result.stdout[-4000:]}"
+        )
+    with open(os.path.join(home, _STAMP), "w", encoding="ascii") as f:
+        f.write(_lock_digest() + "\n")
+    progress(f"PouchDB Server installed in {home}")
+    return home
+
+
+def build_config(paths: Paths, options: Options, uuid: str, port: int) -> dict[str, Any]:
+    """The launcher's config (express-pouchdb's config.json format plus a usercouch section)."""
+    config: dict[str, Any] = {
+        "couchdb": {
+            "database_dir": paths.data,
+            "uuid": uuid,
+            "file_compression": options.file_compression,
+        },
+        "httpd": {"bind_address": options.bind_address, "port": port},
+        "couch_httpd_auth": {
+            "secret": random_hex(),
+            "iterations": HASH_ITERATIONS,
+            "require_valid_user": options.auth == "basic",
+        },
+        "log": {"file": paths.logfile, "level": _LOG_LEVELS[options.loglevel]},
+        "usercouch": {"auth": options.auth},
+    }
+    if options.credentials is not None:
+        config["admins"] = {
+            options.credentials.username: pbkdf2_hash(
+                options.credentials.password, digest="sha1", iterations=HASH_ITERATIONS
+            )
+        }
+    if options.extra:
+        for section, values in json.loads(options.extra).items():
+            config.setdefault(section, {}).update(values)
+    return config
+
+
+class PouchDBServer(Engine):
+    """PouchDB Server 4.2.0 on Node.js, run through usercouch's launcher."""
+
+    name = "pouchdb"
+    term_grace = 2.0  # the launcher exits within milliseconds of SIGTERM
+
+    def __init__(self, home: str | None = None, node: str | None = None) -> None:
+        self.home = os.path.abspath(
+            home or os.environ.get("USERCOUCH_POUCHDB_HOME") or default_home()
+        )
+        self.node = node or os.environ.get("USERCOUCH_NODE") or shutil.which("node")
+        problems = []
+        if self.node is None:
+            problems.append("Node.js: no 'node' on PATH (set USERCOUCH_NODE or install Node.js)")
+        server = os.path.join(self.home, "node_modules", "pouchdb-server", "package.json")
+        if not os.path.isfile(server):
+            problems.append(f"PouchDB Server: not installed in {self.home}")
+        if problems:
+            raise EngineNotFound(
+                "PouchDB Server engine not usable:\n  - "
+                + "\n  - ".join(problems)
+                + "\nInstall it with: python -m usercouch install pouchdb"
+            )
+        with open(server, encoding="utf-8") as f:
+            self._version: str | None = json.load(f).get("version")
+
+    @property
+    def version(self) -> str | None:
+        return self._version
+
+    def describe(self) -> str:
+        return f"pouchdb {self.version} in {self.home} (node: {self.node})"
+
+    def check_extra(self, extra: str) -> None:
+        try:
+            parsed = json.loads(extra)
+        except ValueError as exc:
+            raise ConfigError(f"extra must be a JSON object for PouchDB Server: {exc}") from None
+        if not isinstance(parsed, dict) or not all(isinstance(v, dict) for v in parsed.values()):
+            raise ConfigError(
+                "extra must be a JSON object of sections, e.g. "
+                '{"couch_httpd_auth": {"timeout": 3600}}; got ' + repr(extra)
+            )
+
+    def prepare(self, paths: Paths, options: Options, uuid: str, port: int) -> Launch:
+        config_path = paths.join(CONFIG_NAME)
+        write_private(config_path, json.dumps(build_config(paths, options, uuid, port), indent=2))
+        read_fd, write_fd = os.pipe()
+        assert self.node is not None
+        command = [
+            self.node,
+            os.path.join(runtime_dir(), "launcher.js"),
+            "--modules", os.path.join(self.home, "node_modules"),
+            "--config", config_path,
+            "--ready-fd", str(write_fd),
+        ]
+        return Launch(
+            command=command,
+            env=child_environ(),
+            cwd=paths.basedir,
+            pass_fds=(write_fd,),
+            state={"ready_fd": read_fd},
+        )
+
+    def wait_ready(
+        self, proc: subprocess.Popen[bytes], launch: Launch, options: Options, deadline: float
+    ) -> Ready | None:
+        read_fd = launch.state.pop("ready_fd")
+        try:
+            line = process.read_line(read_fd, deadline)
+        finally:
+            os.close(read_fd)
+        if not line:
+            return None
+        report = json.loads(line)
+        return Ready(
+            port=int(report["port"]),
+            https_port=report.get("https_port"),
+            version=report.get("version"),
+        )
