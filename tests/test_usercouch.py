@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from helpers import pid_exists, pid_gone
+
 from usercouch import LockError, StartError, StateError, UserCouch
 from usercouch.errors import ConfigError
 from usercouch.http import request
@@ -57,9 +57,8 @@ def test_second_instance_on_same_basedir_gets_lock_error(make_couch: MakeCouch) 
 def test_lock_is_released_by_close_with_and_gc(engine_name: str, tmp_path: Path) -> None:
     couch = UserCouch(tmp_path, engine=engine_name)
     couch.close()
-    with UserCouch(tmp_path, engine=engine_name):
-        with pytest.raises(LockError):
-            UserCouch(tmp_path, engine=engine_name)
+    with UserCouch(tmp_path, engine=engine_name), pytest.raises(LockError):
+        UserCouch(tmp_path, engine=engine_name)
     couch = UserCouch(tmp_path, engine=engine_name)
     del couch
     gc.collect()
@@ -340,5 +339,6 @@ def test_requests_works_from_the_env_alone(make_couch: MakeCouch) -> None:
         url + "interop/_bulk_docs", json={"docs": [{"_id": f"k{i}"} for i in (3, 1, 2)]}
     )
     assert [row["id"] for row in bulk.json()] == ["k3", "k1", "k2"]
-    basic = requests.get(url + "interop/a", auth=(env["basic"]["username"], env["basic"]["password"]))
+    auth = (env["basic"]["username"], env["basic"]["password"])
+    basic = requests.get(url + "interop/a", auth=auth)
     assert basic.json()["v"] == 1

@@ -21,7 +21,7 @@ BIND_ADDRESSES = ("127.0.0.1", "::1", "0.0.0.0", "::")
 LOG_LEVELS = (
     "debug", "info", "notice", "warning", "error", "critical", "alert", "emergency", "none",
 )
-FILE_COMPRESSIONS = ("none", "snappy") + tuple(f"deflate_{n}" for n in range(1, 10))
+FILE_COMPRESSIONS = ("none", "snappy", *tuple(f"deflate_{n}" for n in range(1, 10)))
 CONFIG_KEYS = (
     "bind_address", "loglevel", "file_compression", "username", "password", "uuid",
 )

@@ -6,6 +6,7 @@ env handed to callers. It owns no file format and no engine detail.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import subprocess
 import threading
@@ -51,10 +52,8 @@ class _Resources:
 
 
 def _release(resources: _Resources) -> None:
-    try:
+    with contextlib.suppress(Exception):
         resources.close()
-    except Exception:  # noqa: BLE001 - finalizers run at GC and shutdown: stay silent
-        pass
 
 
 class UserCouch:

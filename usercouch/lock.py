@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 
@@ -28,7 +29,5 @@ def acquire(lockfile: str) -> int:
 
 def release(fd: int) -> None:
     """Release the lock held by ``fd`` (closing the fd is what releases it)."""
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass

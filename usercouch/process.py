@@ -7,6 +7,7 @@ short-lived thread (a test runner's worker, a thread pool) would kill the server
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -32,7 +33,8 @@ def _load_prctl() -> Callable[..., int] | None:
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl  # type: ignore[no-any-return]
+        prctl: Callable[..., int] = libc.prctl
+        return prctl
     except (OSError, AttributeError):
         return None
 
@@ -139,10 +141,8 @@ def stop(proc: subprocess.Popen[bytes], grace: float) -> bool:
     was_running = proc.poll() is None
     _signal_group(proc, signal.SIGTERM if grace > 0 else signal.SIGKILL)
     if grace > 0:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
     # Whatever is left of the group (the leader, or helpers it spawned) gets SIGKILL.
     _signal_group(proc, signal.SIGKILL)
     proc.wait()
@@ -150,10 +150,8 @@ def stop(proc: subprocess.Popen[bytes], grace: float) -> bool:
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def wait_for(

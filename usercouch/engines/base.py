@@ -7,6 +7,7 @@ them. Adding a server means one module implementing :class:`Engine` and a regist
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import subprocess
 from collections.abc import Mapping
@@ -44,10 +45,8 @@ class Launch:
     def close_child_fds(self) -> None:
         """Close this side's copy of fds handed to the child (after spawn or on failure)."""
         for fd in self.pass_fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self.pass_fds = ()
 
 
@@ -74,9 +73,11 @@ class Engine(abc.ABC):
 
     def check_extra(self, extra: str) -> None:
         """Raise ConfigError if ``extra`` config text is unusable for this engine."""
+        return None
 
     def check_options(self, options: Options) -> None:
         """Raise ConfigError for options this engine cannot honour."""
+        return None
 
     @abc.abstractmethod
     def prepare(self, paths: Paths, options: Options, uuid: str, port: int) -> Launch:
