@@ -24,7 +24,10 @@ LOG_LEVELS = (
 FILE_COMPRESSIONS = ("none", "snappy", *tuple(f"deflate_{n}" for n in range(1, 10)))
 CONFIG_KEYS = (
     "bind_address", "loglevel", "file_compression", "username", "password", "uuid",
+    "ssl", "replicator",
 )
+SSL_KEYS = ("cert_file", "key_file", "ca_file", "check_hostname")
+REPLICATOR_KEYS = ("ca_file", "max_depth", "cert_file", "key_file")
 DEFAULTS: Mapping[str, str] = {
     "bind_address": "127.0.0.1",
     "loglevel": "info",
@@ -52,6 +55,26 @@ class Credentials:
 
 
 @dataclass(frozen=True)
+class TLSServer:
+    """The HTTPS listener: the server's certificate and key, and the CA clients should trust."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str | None = None
+    check_hostname: bool = True
+
+
+@dataclass(frozen=True)
+class ReplicatorTLS:
+    """Which remotes the replicator trusts (a CA) and the client certificate it presents."""
+
+    ca_file: str
+    max_depth: int | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
 class Options:
     """Validated bootstrap options: everything an engine needs to write its config."""
 
@@ -62,6 +85,8 @@ class Options:
     credentials: Credentials | None
     uuid: str | None = None
     extra: str | None = None
+    ssl: TLSServer | None = None
+    replicator: ReplicatorTLS | None = None
 
 
 def random_b32(nbytes: int = 15, urandom: Callable[[int], bytes] = os.urandom) -> str:
@@ -130,6 +155,80 @@ def _check_uuid(value: object) -> str:
     return value
 
 
+def _check_file(where: str, value: object) -> str:
+    """An existing, readable regular file, as an absolute path (the server's cwd may differ)."""
+    if not isinstance(value, str) or not value or "\0" in value or "\n" in value:
+        raise ConfigError(f"{where} must be a file path; got {value!r}")
+    path = os.path.abspath(value)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}: no such file: {path!r}")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path!r}: {exc.strerror}") from None
+    return path
+
+
+def _check_section(key: str, value: object, known: tuple[str, ...]) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config[{key!r}] must be a dict; got {type(value).__name__}")
+    bad = [k for k in value if k not in known]
+    if bad:
+        raise ConfigError(
+            f"unknown key(s) in config[{key!r}]: {', '.join(repr(k) for k in bad)}; "
+            f"known keys: {', '.join(known)}"
+        )
+    return value
+
+
+def _check_ssl(value: object) -> TLSServer:
+    section = _check_section("ssl", value, SSL_KEYS)
+    for required in ("cert_file", "key_file"):
+        if required not in section:
+            raise ConfigError(f"config['ssl'] needs {required!r}")
+    check_hostname = section.get("check_hostname", True)
+    if not isinstance(check_hostname, bool):
+        raise ConfigError(
+            f"config['ssl']['check_hostname'] must be True or False; got {check_hostname!r}"
+        )
+    ca_file = section.get("ca_file")
+    return TLSServer(
+        cert_file=_check_file("config['ssl']['cert_file']", section["cert_file"]),
+        key_file=_check_file("config['ssl']['key_file']", section["key_file"]),
+        ca_file=None if ca_file is None else _check_file("config['ssl']['ca_file']", ca_file),
+        check_hostname=check_hostname,
+    )
+
+
+def _check_replicator(value: object) -> ReplicatorTLS:
+    section = _check_section("replicator", value, REPLICATOR_KEYS)
+    if "ca_file" not in section:
+        raise ConfigError("config['replicator'] needs 'ca_file'")
+    max_depth = section.get("max_depth")
+    if max_depth is not None and (
+        not isinstance(max_depth, int) or isinstance(max_depth, bool) or not 1 <= max_depth <= 16
+    ):
+        raise ConfigError(
+            f"config['replicator']['max_depth'] must be an int from 1 to 16; got {max_depth!r}"
+        )
+    if ("cert_file" in section) != ("key_file" in section):
+        raise ConfigError("config['replicator'] needs both 'cert_file' and 'key_file', or neither")
+    where = "config['replicator']"
+    return ReplicatorTLS(
+        ca_file=_check_file(f"{where}['ca_file']", section["ca_file"]),
+        max_depth=max_depth,
+        cert_file=(
+            _check_file(f"{where}['cert_file']", section["cert_file"])
+            if "cert_file" in section else None
+        ),
+        key_file=(
+            _check_file(f"{where}['key_file']", section["key_file"])
+            if "key_file" in section else None
+        ),
+    )
+
+
 def check_auth(auth: object) -> str:
     """Validate the ``auth`` argument of bootstrap()."""
     if auth == "oauth":
@@ -170,6 +269,10 @@ def build_options(
         "file_compression", merged["file_compression"], FILE_COMPRESSIONS
     )
     uuid = _check_uuid(merged["uuid"]) if "uuid" in merged else None
+    ssl = _check_ssl(merged["ssl"]) if merged.get("ssl") is not None else None
+    replicator = (
+        _check_replicator(merged["replicator"]) if merged.get("replicator") is not None else None
+    )
     credentials = None
     if auth == "basic":
         username = merged.get("username")
@@ -188,6 +291,8 @@ def build_options(
         credentials=credentials,
         uuid=uuid,
         extra=extra,
+        ssl=ssl,
+        replicator=replicator,
     )
 
 
@@ -208,8 +313,24 @@ def build_url(bind_address: str, port: int, scheme: str = "http") -> str:
     return f"{scheme}://{host}:{port}/"
 
 
-def build_env(options: Options, port: int, scheme: str = "http") -> dict[str, Any]:
-    """The Microfiber-style env dict handed to callers: plain JSON-serialisable data."""
+def build_env(options: Options, port: int, https_port: int | None = None) -> dict[str, Any]:
+    """The Microfiber-style env dict handed to callers: plain JSON-serialisable data.
+
+    With TLS on, ``x_env_ssl`` is a complete second env for the HTTPS listener, with the
+    ``ssl`` facts a client needs to verify the server from the env alone.
+    """
+    env = _base_env(options, port, "http")
+    if options.ssl is not None and https_port is not None:
+        ssl_env = _base_env(options, https_port, "https")
+        ssl_env["ssl"] = {
+            "ca_file": options.ssl.ca_file or options.ssl.cert_file,
+            "check_hostname": options.ssl.check_hostname,
+        }
+        env["x_env_ssl"] = ssl_env
+    return env
+
+
+def _base_env(options: Options, port: int, scheme: str) -> dict[str, Any]:
     env: dict[str, Any] = {"port": port, "url": build_url(options.bind_address, port, scheme)}
     if options.credentials is not None:
         env["basic"] = {

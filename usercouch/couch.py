@@ -84,6 +84,7 @@ class UserCouch:
         self._options: Options | None = None
         self._uuid: str | None = None
         self._port = 0
+        self._https_port = 0
         self._ready: Ready | None = None
         self.env: dict[str, Any] | None = None
 
@@ -112,7 +113,7 @@ class UserCouch:
             except BaseException:
                 self._options = None
                 raise
-            self.env = build_env(options, ready.port)
+            self.env = build_env(options, ready.port, ready.https_port)
             return copy.deepcopy(self.env)
 
     def start(self) -> bool:
@@ -214,7 +215,8 @@ class UserCouch:
     def _start(self) -> Ready:
         assert self._options is not None and self._uuid is not None
         layout.rotate_log(self.paths)
-        launch = self.engine.prepare(self.paths, self._options, self._uuid, self._port)
+        ports = {"https_port": self._https_port} if self._options.ssl is not None else {}
+        launch = self.engine.prepare(self.paths, self._options, self._uuid, self._port, **ports)
         try:
             proc = process.spawn(
                 launch.command,
@@ -247,5 +249,6 @@ class UserCouch:
                 log_tail=self.log_tail(),
             )
         self._port = ready.port
+        self._https_port = ready.https_port or 0
         self._ready = ready
         return ready

@@ -80,10 +80,13 @@ class Engine(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def prepare(self, paths: Paths, options: Options, uuid: str, port: int) -> Launch:
+    def prepare(
+        self, paths: Paths, options: Options, uuid: str, port: int, https_port: int = 0
+    ) -> Launch:
         """Write this engine's config files into the basedir and say how to start it.
 
         ``port`` 0 means any free port; otherwise the port to bind again (a restart).
+        ``https_port`` likewise, for the HTTPS listener when ``options.ssl`` is set.
         """
 
     @abc.abstractmethod

@@ -107,7 +107,9 @@ def install(
     return home
 
 
-def build_config(paths: Paths, options: Options, uuid: str, port: int) -> dict[str, Any]:
+def build_config(
+    paths: Paths, options: Options, uuid: str, port: int, https_port: int = 0
+) -> dict[str, Any]:
     """The launcher's config (express-pouchdb's config.json format plus a usercouch section)."""
     config: dict[str, Any] = {
         "couchdb": {
@@ -129,6 +131,19 @@ def build_config(paths: Paths, options: Options, uuid: str, port: int) -> dict[s
             options.credentials.username: pbkdf2_hash(
                 options.credentials.password, digest="sha1", iterations=HASH_ITERATIONS
             )
+        }
+    if options.ssl is not None:
+        config["usercouch"]["ssl"] = {
+            "cert_file": options.ssl.cert_file,
+            "key_file": options.ssl.key_file,
+            "ca_file": options.ssl.ca_file,
+            "port": https_port,
+        }
+    if options.replicator is not None:
+        config["usercouch"]["replicator"] = {
+            "ca_file": options.replicator.ca_file,
+            "cert_file": options.replicator.cert_file,
+            "key_file": options.replicator.key_file,
         }
     if options.extra:
         for section, values in json.loads(options.extra).items():
@@ -180,9 +195,27 @@ class PouchDBServer(Engine):
                 '{"couch_httpd_auth": {"timeout": 3600}}; got ' + repr(extra)
             )
 
-    def prepare(self, paths: Paths, options: Options, uuid: str, port: int) -> Launch:
+    def check_options(self, options: Options) -> None:
+        if options.replicator is not None and options.replicator.max_depth is not None:
+            raise ConfigError(
+                "config['replicator']['max_depth'] is not supported by the PouchDB Server "
+                "engine (Node.js has no certificate chain depth limit); leave it out"
+            )
+
+    def child_env(self, options: Options) -> dict[str, str]:
+        """The launcher's environment: with TLS and no replicator CA, trust our own CA so
+        the server can replicate to its own HTTPS URL."""
+        extra = {}
+        if options.ssl is not None and options.replicator is None:
+            extra["NODE_EXTRA_CA_CERTS"] = options.ssl.ca_file or options.ssl.cert_file
+        return child_environ(extra)
+
+    def prepare(
+        self, paths: Paths, options: Options, uuid: str, port: int, https_port: int = 0
+    ) -> Launch:
         config_path = paths.join(CONFIG_NAME)
-        write_private(config_path, json.dumps(build_config(paths, options, uuid, port), indent=2))
+        config = build_config(paths, options, uuid, port, https_port)
+        write_private(config_path, json.dumps(config, indent=2))
         read_fd, write_fd = os.pipe()
         assert self.node is not None
         command = [
@@ -194,7 +227,7 @@ class PouchDBServer(Engine):
         ]
         return Launch(
             command=command,
-            env=child_environ(),
+            env=self.child_env(options),
             cwd=paths.basedir,
             pass_fds=(write_fd,),
             state={"ready_fd": read_fd},

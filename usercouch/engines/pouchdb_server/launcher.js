@@ -110,6 +110,16 @@ function main() {
   const options = config.usercouch || {};
   const readyFd = args['ready-fd'] === undefined ? null : parseInt(args['ready-fd'], 10);
 
+  // The replicator's outgoing HTTPS requests go through Node's global agent: trust only the
+  // configured CA there, and present the client certificate if one is given.
+  if (options.replicator) {
+    https.globalAgent.options.ca = fs.readFileSync(options.replicator.ca_file);
+    if (options.replicator.cert_file) {
+      https.globalAgent.options.cert = fs.readFileSync(options.replicator.cert_file);
+      https.globalAgent.options.key = fs.readFileSync(options.replicator.key_file);
+    }
+  }
+
   const express = requireModule('express');
   const expressPouchDB = requireModule('express-pouchdb');
   const adapter = options.in_memory ? 'pouchdb-adapter-memory' : 'pouchdb-adapter-leveldb';
