@@ -87,6 +87,8 @@ class Options:
     extra: str | None = None
     ssl: TLSServer | None = None
     replicator: ReplicatorTLS | None = None
+    #: True if usercouch made the password (120 random bits), False if the caller chose it.
+    generated_password: bool = False
 
 
 def random_b32(nbytes: int = 15, urandom: Callable[[int], bytes] = os.urandom) -> str:
@@ -293,6 +295,7 @@ def build_options(
         extra=extra,
         ssl=ssl,
         replicator=replicator,
+        generated_password=credentials is not None and merged.get("password") is None,
     )
 
 
