@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import subprocess
 import threading
 import time
@@ -72,8 +73,14 @@ class UserCouch:
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.basedir = layout.check_basedir(basedir)
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
+        if (
+            not isinstance(timeout, (int, float))
+            or isinstance(timeout, bool)
+            or not 0 < timeout < math.inf  # also refuses NaN: a start must never hang
+        ):
+            raise ValueError(
+                f"timeout must be a positive, finite number of seconds; got {timeout!r}"
+            )
         self.timeout = float(timeout)
         self.paths = layout.Paths(self.basedir)
         self.lockfile = self.paths.lockfile
@@ -225,6 +232,14 @@ class UserCouch:
                 log_path=self.paths.logfile,
                 pass_fds=launch.pass_fds,
             )
+        except OSError as exc:  # e.g. the engine's executable is gone since detection
+            launch.abandon()
+            raise StartError(
+                f"{self.engine.name}: cannot run the server: {exc}",
+                command=launch.command,
+                returncode=None,
+                log_tail=self.log_tail(),
+            ) from exc
         finally:
             launch.close_child_fds()
         self._resources.proc = proc
@@ -236,6 +251,11 @@ class UserCouch:
             raise
         if ready is None:
             returncode = proc.poll()
+            if returncode is None and time.monotonic() < deadline:
+                # wait_ready gave up early because the child is going: its pipes close a
+                # moment before it can be reaped, so collect the status instead of guessing.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    returncode = proc.wait(max(0.0, min(2.0, deadline - time.monotonic())))
             reason = (
                 "server exited during start"
                 if returncode is not None

@@ -40,6 +40,8 @@ class Launch:
     env: dict[str, str]
     cwd: str
     pass_fds: tuple[int, ...] = ()
+    #: This side's fds that wait_ready() consumes and closes (e.g. a ready pipe's read end).
+    parent_fds: tuple[int, ...] = ()
     state: dict[str, Any] = field(default_factory=dict)
 
     def close_child_fds(self) -> None:
@@ -48,6 +50,14 @@ class Launch:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.pass_fds = ()
+
+    def abandon(self) -> None:
+        """Close every fd of a launch whose spawn failed: wait_ready() will never run."""
+        self.close_child_fds()
+        for fd in self.parent_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.parent_fds = ()
 
 
 @dataclass(frozen=True)

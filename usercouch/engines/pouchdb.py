@@ -230,6 +230,7 @@ class PouchDBServer(Engine):
             env=self.child_env(options),
             cwd=paths.basedir,
             pass_fds=(write_fd,),
+            parent_fds=(read_fd,),
             state={"ready_fd": read_fd},
         )
 
