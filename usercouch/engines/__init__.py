@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..errors import EngineNotFound
 from .base import Engine, Launch, Ready
+from .couchdb import CouchDB
 from .pouchdb import PouchDBServer
 
 #: Engine names and how to build each with its default discovery.
 ENGINES: dict[str, Callable[[], Engine]] = {
+    "couchdb": CouchDB,
     "pouchdb": PouchDBServer,
 }
 #: Auto-detection tries these in order: the real CouchDB first.
 AUTO_ORDER = ("couchdb", "pouchdb")
 
-__all__ = ["ENGINES", "Engine", "Launch", "Ready", "auto_detect", "get_engine"]
+__all__ = ["ENGINES", "Engine", "Launch", "Ready", "Survey", "auto_detect", "get_engine", "survey"]
 
 
 def _by_name(name: str) -> Engine:
@@ -57,3 +60,25 @@ def get_engine(spec: str | Engine | None = None) -> Engine:
     if not isinstance(spec, str):
         raise TypeError(f"engine must be None, a name or an Engine; got {type(spec).__name__}")
     return _by_name(spec)
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What is usable here: each engine, or why not; what auto-detection and the env pick."""
+
+    engines: dict[str, Engine | EngineNotFound]
+    auto: str | None
+    requested: str | None
+
+
+def survey() -> Survey:
+    """Try every registered engine with its default discovery (for ``usercouch engines``)."""
+    names = [n for n in AUTO_ORDER if n in ENGINES] + [n for n in ENGINES if n not in AUTO_ORDER]
+    found: dict[str, Engine | EngineNotFound] = {}
+    for name in names:
+        try:
+            found[name] = ENGINES[name]()
+        except EngineNotFound as exc:
+            found[name] = exc
+    auto = next((n for n in names if isinstance(found[n], Engine)), None)
+    return Survey(found, auto, os.environ.get("USERCOUCH_ENGINE") or None)
