@@ -66,13 +66,17 @@ def _registered(value: object, name: str, server: UserCouch) -> Iterator[None]:
 
 
 def servers_behind(values: Iterable[object]) -> list[tuple[str, UserCouch]]:
-    """The (fixture name, server) pairs behind fixture values, each server once."""
-    found: dict[int, tuple[str, UserCouch]] = {}
+    """The servers behind fixture values, each once, named by the fixtures that lead to it."""
+    names: dict[int, list[str]] = {}
+    servers: dict[int, UserCouch] = {}
     for value in values:
         owner = _OWNERS.get(id(value))
         if owner is not None:
-            found.setdefault(id(owner[1]), owner)
-    return list(found.values())
+            name, server = owner
+            servers[id(server)] = server
+            if name not in names.setdefault(id(server), []):
+                names[id(server)].append(name)
+    return [(", ".join(names[key]), server) for key, server in servers.items()]
 
 
 # -- checking arguments -------------------------------------------------------------------
