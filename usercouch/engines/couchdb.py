@@ -384,7 +384,7 @@ class CouchDB(Engine):
             raise self._error(
                 launch,
                 proc,
-                f"not ready: {probe.last_path} kept answering {probe.last_status} to the "
+                f"not ready: GET {probe.last_path} kept answering {probe.last_status} to the "
                 "admin's credentials (does extra change [admins] or require_valid_user?)",
             )
         return None
