@@ -386,7 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a throwaway couch, run CMD with USERCOUCH_ENV and COUCHDB_URL in "
         "its environment, stop the couch, and exit with CMD's status.",
     )
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG ...]")
+    p.add_argument(
+        "command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG ...]",
+        help="the command to run and its arguments",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
