@@ -1,7 +1,8 @@
-"""``python -m usercouch``: the command line."""
+"""``python -m usercouch``: the command line (see :mod:`usercouch.cli`)."""
 
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -61,7 +61,9 @@ class _Progress:
 
     def __call__(self, message: str) -> None:
         if not self.quiet:
-            print(f"usercouch: {message}", file=sys.stderr, flush=True)
+            # A reader that went away (a closed pipe) must not turn progress into an error.
+            with contextlib.suppress(OSError):
+                print(f"usercouch: {message}", file=sys.stderr, flush=True)
 
 
 def _out(text: str) -> None:
@@ -162,7 +164,7 @@ def _shell_lines(env: dict[str, Any]) -> list[str]:
 
 def _summary(couch: UserCouch, env: dict[str, Any], temporary: bool) -> list[str]:
     lines = [
-        f"{couch.engine.name} {couch.version or ''} running, pid {couch.pid}",
+        f"{couch.engine.name} {couch.version or '(version unknown)'} running, pid {couch.pid}",
         f"  url:      {env['url']}",
     ]
     if "basic" in env:
