@@ -47,6 +47,13 @@ function makeGuard(requireValidUser) {
       res.set('WWW-Authenticate', 'Basic realm="usercouch"');
       return sendJSON(res, 401, { error: 'unauthorized', reason: 'Authentication required.' });
     }
+    // After the 401 above: who is asking is settled before what is refused (as CouchDB does).
+    if (req.method !== 'GET' && req.method !== 'HEAD' && /^\/_config(\/|$)/.test(req.path)) {
+      return sendJSON(res, 403, {
+        error: 'forbidden',
+        reason: 'usercouch: runtime configuration changes are disabled',
+      });
+    }
     if (req.method === 'PUT' && DB_PATH.test(req.path) && !isAdmin) {
       return sendJSON(res, 401, { error: 'unauthorized', reason: 'You are not a server admin.' });
     }
@@ -145,12 +152,6 @@ function main() {
       // express-pouchdb's vhost layer rebuilds req.url from originalUrl: change both.
       req.url = req.url.replace(/^(\/[^/]+)\//, '$1');
       req.originalUrl = req.url;
-    }
-    if (req.method !== 'GET' && req.method !== 'HEAD' && /^\/_config(\/|$)/.test(req.path)) {
-      return sendJSON(res, 403, {
-        error: 'forbidden',
-        reason: 'usercouch: runtime configuration changes are disabled',
-      });
     }
     return next();
   });
