@@ -258,6 +258,23 @@ def lockout_enabled(options: Options) -> bool:
     return options.auth == "basic" and not options.generated_password
 
 
+Section = tuple[str, list[tuple[str, str]]]
+
+
+def render_ini(sections: list[Section], overridden: set[tuple[str, str]]) -> str:
+    """Ini text for ``sections``, leaving out the keys ``extra`` sets itself.
+
+    Leaving them out (rather than relying on the later line winning) matters: CouchDB
+    releases disagree on which of two equal keys in one file wins.
+    """
+    blocks = []
+    for name, items in sections:
+        lines = [f"[{name}]"]
+        lines += [f"{key} = {value}" for key, value in items if (name, key) not in overridden]
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
+
+
 def session_ini(
     paths: Paths,
     options: Options,
@@ -272,71 +289,64 @@ def session_ini(
 
     CouchDB writes config changes back into this file, so nothing in it is a clear-text
     password. ``port``/``https_port`` 0 mean any free port (learned from the uri file).
+    A key that ``extra`` sets is left out of usercouch's part, so ``extra`` wins.
     """
     if options.auth == "basic" and (options.credentials is None or admin_hash is None):
         raise ValueError("auth='basic' needs credentials and their hash")
-    lines = [
-        "; Written by usercouch at every start of this basedir's server: edits are lost.",
-        "[couchdb]",
-        f"database_dir = {check_ini_path('data folder', paths.data)}",
-        f"view_index_dir = {check_ini_path('views folder', paths.views)}",
-        f"uuid = {uuid}",
-        "single_node = true",
-        f"uri_file = {check_ini_path('uri file', paths.join(URI_FILE))}",
-        f"file_compression = {options.file_compression}",
-        "",
-        "[cluster]",
-        "q = 1",
-        "n = 1",
-        "",
-        "[chttpd]",
-        f"port = {port}",
-        f"bind_address = {options.bind_address}",
-        f"require_valid_user = {'true' if options.auth == 'basic' else 'false'}",
-        "",
-        "[chttpd_auth]",
-        f"secret = {secret}",
-        "",
+    valid_user = "true" if options.auth == "basic" else "false"
+    sections: list[Section] = [
+        ("couchdb", [
+            ("database_dir", check_ini_path("data folder", paths.data)),
+            ("view_index_dir", check_ini_path("views folder", paths.views)),
+            ("uuid", uuid),
+            ("single_node", "true"),
+            ("uri_file", check_ini_path("uri file", paths.join(URI_FILE))),
+            ("file_compression", options.file_compression),
+        ]),
+        ("cluster", [("q", "1"), ("n", "1")]),
+        ("chttpd", [
+            ("port", str(port)),
+            ("bind_address", options.bind_address),
+            ("require_valid_user", valid_user),
+        ]),
+        # Some 3.x releases read require_valid_user from [chttpd_auth]: say it in both.
+        ("chttpd_auth", [("secret", secret), ("require_valid_user", valid_user)]),
     ]
     if not lockout_enabled(options):
-        lines += ["[chttpd_auth_lockout]", "mode = off", ""]
-    lines.append("[admins]")
-    if options.credentials is not None:
-        lines.append(f"{options.credentials.username} = {admin_hash}")
-    lines.append("")
+        sections.append(("chttpd_auth_lockout", [("mode", "off")]))
+    admins = [] if options.credentials is None else [(options.credentials.username, admin_hash)]
+    sections.append(("admins", [(k, v) for k, v in admins if v is not None]))
     if options.ssl is not None:
-        lines += [
-            "[ssl]",
-            "enable = true",
-            f"port = {https_port}",
-            f"cert_file = {check_ini_path('ssl cert_file', options.ssl.cert_file)}",
-            f"key_file = {check_ini_path('ssl key_file', options.ssl.key_file)}",
+        tls = [
+            ("enable", "true"),
+            ("port", str(https_port)),
+            ("cert_file", check_ini_path("ssl cert_file", options.ssl.cert_file)),
+            ("key_file", check_ini_path("ssl key_file", options.ssl.key_file)),
         ]
         if options.ssl.ca_file is not None:
-            lines.append(f"cacert_file = {check_ini_path('ssl ca_file', options.ssl.ca_file)}")
-        lines += ["verify_ssl_certificates = false", ""]
+            tls.append(("cacert_file", check_ini_path("ssl ca_file", options.ssl.ca_file)))
+        tls.append(("verify_ssl_certificates", "false"))
+        sections.append(("ssl", tls))
     if options.replicator is not None:
         rep = options.replicator
-        lines += [
-            "[replicator]",
-            "verify_ssl_certificates = true",
-            f"ssl_trusted_certificates_file = {check_ini_path('replicator ca_file', rep.ca_file)}",
+        trust = [
+            ("verify_ssl_certificates", "true"),
+            ("ssl_trusted_certificates_file", check_ini_path("replicator ca_file", rep.ca_file)),
         ]
         if rep.max_depth is not None:
-            lines.append(f"ssl_certificate_max_depth = {rep.max_depth}")
+            trust.append(("ssl_certificate_max_depth", str(rep.max_depth)))
         if rep.cert_file is not None and rep.key_file is not None:
-            lines += [
-                f"cert_file = {check_ini_path('replicator cert_file', rep.cert_file)}",
-                f"key_file = {check_ini_path('replicator key_file', rep.key_file)}",
-            ]
-        lines.append("")
-    lines += [
-        "[log]",
-        "writer = file",
-        f"file = {check_ini_path('log file', paths.logfile)}",
-        f"level = {options.loglevel}",
-    ]
-    text = "\n".join(lines) + "\n"
+            trust.append(("cert_file", check_ini_path("replicator cert_file", rep.cert_file)))
+            trust.append(("key_file", check_ini_path("replicator key_file", rep.key_file)))
+        sections.append(("replicator", trust))
+    sections.append(("log", [
+        ("writer", "file"),
+        ("file", check_ini_path("log file", paths.logfile)),
+        ("level", options.loglevel),
+    ]))
+    overridden = {(e.section, e.key) for e in parse_ini(options.extra)} if options.extra else set()
+    text = "; Written by usercouch at every start of this basedir's server: edits are lost.\n"
+    text += render_ini(sections, overridden)
     if options.extra:
         text += "\n; extra, as given to bootstrap()\n" + options.extra
         if not options.extra.endswith("\n"):
