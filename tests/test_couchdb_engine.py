@@ -33,6 +33,7 @@ from usercouch.engines.couchdb import (
     install_version,
     locate,
     previous_secret,
+    run_brew_prefix,
     server_version,
 )
 from usercouch.errors import ConfigError, EngineNotFound
@@ -401,6 +402,7 @@ def test_check_version_refuses_before_3(old: str) -> None:
         ("http://::1:40781/", ("http", "::1", 40781)),
         ("http://[::1]:40781/", ("http", "::1", 40781)),
         ("https://0.0.0.0:6984/\n", ("https", "0.0.0.0", 6984)),
+        ("http://:::5984/", ("http", "::", 5984)),
     ],
 )
 def test_parse_uri_line(line: str, expected: tuple[str, str, int]) -> None:
@@ -574,6 +576,17 @@ def test_brew_prefix_is_asked_last_and_only_when_needed(tmp_path: Path) -> None:
     brewed = make_tree(tmp_path / "brew-says" / "opt" / "couchdb")
     assert find(tmp_path, brew=brew).root == str(brewed)
     assert len(asked) == 1
+
+
+def test_run_brew_prefix_asks_brew_once(tmp_path: Path) -> None:
+    assert run_brew_prefix({"PATH": str(tmp_path)}) is None  # no brew: nothing is run
+    calls = tmp_path / "calls"
+    brew = tmp_path / "brew"
+    brew.write_text(f"#!/bin/sh\necho \"$1\" >> '{calls}'\necho /opt/brewed\n")
+    brew.chmod(0o755)
+    assert run_brew_prefix({"PATH": str(tmp_path)}) == "/opt/brewed"
+    assert run_brew_prefix({"PATH": str(tmp_path)}) == "/opt/brewed"
+    assert calls.read_text() == "--prefix\n"
 
 
 def test_snap(tmp_path: Path) -> None:

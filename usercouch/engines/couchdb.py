@@ -132,11 +132,23 @@ def roots_of_executable(path: str) -> list[str]:
     return roots
 
 
+_brew_prefixes: dict[str, str | None] = {}
+
+
 def run_brew_prefix(environ: Mapping[str, str]) -> str | None:
-    """``brew --prefix`` if brew is on PATH (None if absent, failing or slow)."""
+    """``brew --prefix`` if brew is on PATH (None if absent, failing or slow).
+
+    Remembered per brew executable: auto-detection may ask at every UserCouch().
+    """
     brew = shutil.which("brew", path=environ.get("PATH", os.defpath))
     if brew is None:
         return None
+    if brew not in _brew_prefixes:
+        _brew_prefixes[brew] = _ask_brew(brew)
+    return _brew_prefixes[brew]
+
+
+def _ask_brew(brew: str) -> str | None:
     try:
         result = subprocess.run(
             [brew, "--prefix"], capture_output=True, text=True, timeout=10, check=False,
