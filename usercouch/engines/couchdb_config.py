@@ -37,9 +37,9 @@ CRASH_DUMP = "erl_crash.dump"
 #: Variables set for the child; every other ``COUCHDB_*`` of the parent is dropped.
 ADMIN_PARTY_VAR = "COUCHDB_TEST_ADMIN_PARTY_OVERRIDE"
 
+#: No -name/-sname: the node runs as nonode@nohost without epmd, a cookie or a distribution
+#: port, so any number of instances run side by side (exactly the tested file).
 VM_ARGS_TEXT = (
-    "# Written by usercouch. No -name/-sname: the node runs as nonode@nohost without epmd,\n"
-    "# a cookie or a distribution port, so any number of instances run side by side.\n"
     "-kernel error_logger silent\n"
     "-sasl sasl_error_logger false\n"
     "+Bd -noinput\n"
