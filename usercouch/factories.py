@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,6 +46,7 @@ __all__ = [
     "couch_server_fixture",
     "database_name",
     "engine_option",
+    "finish_deletions",
     "server_spec",
 ]
 
@@ -165,9 +167,12 @@ def running_server(request: pytest.FixtureRequest, spec: ServerSpec) -> Iterator
     engine = engine_option(request.config) if spec.follow_option else spec.engine
     config = copy.deepcopy(dict(spec.config)) if spec.config is not None else None
     with TempCouch(engine, timeout=spec.timeout) as server:
-        server.bootstrap(spec.auth, config, spec.extra)
-        with _registered(server, _name(request), server):
-            yield server
+        env = server.bootstrap(spec.auth, config, spec.extra)
+        try:
+            with _registered(server, _name(request), server):
+                yield server
+        finally:
+            finish_deletions(env["url"])
 
 
 @contextlib.contextmanager
@@ -260,7 +265,9 @@ def _create(env: dict[str, Any], test_name: str) -> str:
     """PUT a new database; a name taken already (412) is retried with a new token."""
     for _ in range(3):
         name = database_name(test_name)
-        response = http_request(env, "PUT", name, timeout=30.0)
+        # One shard: the cheapest to create and delete on CouchDB 3, and all a single node
+        # can use (PouchDB Server ignores q).
+        response = http_request(env, "PUT", f"{name}?q=1", timeout=30.0)
         if response.status in (201, 202):
             return name
         if response.status != 412:
@@ -280,12 +287,47 @@ def _delete(env: dict[str, Any], name: str) -> None:
         )
 
 
+class _Deletion(threading.Thread):
+    """Deletes one test's database while the next test's is being created."""
+
+    def __init__(self, env: dict[str, Any], name: str) -> None:
+        super().__init__(name=f"usercouch-delete-{name}", daemon=True)
+        self.env = env
+        self.db_name = name
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            _delete(self.env, self.db_name)
+        except ConnectionError:
+            pass  # the server is down (a test crashed it): its files go with its basedir
+        except Exception as exc:  # handed to finish_deletions()
+            self.error = exc
+
+
+# server URL -> deletions started and not yet waited for (touched by the test thread only)
+_DELETIONS: dict[str, list[_Deletion]] = {}
+
+
+def finish_deletions(url: str) -> None:
+    """Wait for the background deletions on the server at ``url``; raise if one failed."""
+    errors = []
+    for job in _DELETIONS.pop(url, []):
+        job.join()
+        if job.error is not None:
+            errors.append(str(job.error))
+    if errors:
+        raise UserCouchError("; ".join(errors))
+
+
 @contextlib.contextmanager
 def fresh_database(
     server_or_env: UserCouch | dict[str, Any], test_name: str, owner_name: str
 ) -> Iterator[CouchDatabase]:
     """Create an empty database on a running server, hand it out, delete it afterwards.
 
+    The deletion runs in the background, overlapping the next database's creation, which
+    waits for it: when a test starts, the databases of the tests before it are gone.
     A UserCouch whose server died (a test crashed it) is restarted once before giving up.
     """
     if isinstance(server_or_env, UserCouch):
@@ -303,6 +345,11 @@ def fresh_database(
         if server is None or not server.check():
             raise
         name = _create(env, test_name)
+    try:
+        finish_deletions(env["url"])
+    except BaseException:
+        _delete(env, name)
+        raise
     database = CouchDatabase(name, f"{env['url']}{name}/", copy.deepcopy(env), server)
     try:
         if server is not None:
@@ -311,7 +358,9 @@ def fresh_database(
         else:
             yield database
     finally:
-        _delete(env, name)
+        job = _Deletion(env, name)
+        job.start()
+        _DELETIONS.setdefault(env["url"], []).append(job)
 
 
 def couch_db_fixture(server: str = "couch_server", *, scope: Scope = "function") -> Any:
