@@ -336,7 +336,6 @@ def test_extra_accepts_ordinary_ini() -> None:
         ("[couchdb] ; note\n", "malformed section header"),
         ("[couchdb]\nuri_file = /tmp/u\n", "[couchdb] uri_file is set by usercouch"),
         ("[couchdb]\ndatabase_dir = /tmp\n", "[couchdb] database_dir is set by usercouch"),
-        ("[chttpd]\nport = 5984\n", "[chttpd] port is set by usercouch"),
         ("[chttpd]\nbind_address = ::\n", "config['bind_address']"),
         ("[log]\nfile = /tmp/x.log\n", "[log] file is set by usercouch"),
         ("[ssl]\nenable = true\n", "config['ssl']"),
@@ -346,6 +345,14 @@ def test_extra_refused(extra: str, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
         cfg.check_extra(extra, "3.5.0")
     assert needle in str(info.value)
+
+
+def test_extra_may_fix_the_ports() -> None:
+    # A fixed port replaces usercouch's port 0 line (the uri file still names it).
+    extra = "[chttpd]\nport = 5999\n"
+    assert cfg.check_extra(extra, "3.5.0")
+    text = ini(options(extra=extra))
+    assert "port = 0" not in text and text.endswith("[chttpd]\nport = 5999\n")
 
 
 def test_extra_refuses_a_clear_text_admin_without_echoing_it() -> None:
@@ -817,6 +824,18 @@ def test_a_2x_server_is_refused_after_start(
         with pytest.raises(StartError, match=r"CouchDB 2\.3\.1 is not supported"):
             couch.bootstrap()
         assert pid_gone(_fake_pid(basedir))
+
+
+def test_a_fixed_port_from_extra(fake_home: Callable[..., str], basedir: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with UserCouch(basedir, engine=CouchDB(home=fake_home())) as couch:
+        env = couch.bootstrap(extra=f"[chttpd]\nport = {port}\n")
+        assert env["port"] == port
+        couch.kill()
+        couch.start()
+        assert request(env, "GET", "/").status == 200
 
 
 def test_a_busy_port_on_restart_is_a_start_error(

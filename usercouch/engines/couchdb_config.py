@@ -56,17 +56,16 @@ _SECTION_RE = re.compile(r"\[([^\[\]]+)\]\Z")
 _VERSION_RE = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
 
 # Keys of the session.ini that usercouch itself depends on: extra may not move them.
+# (A fixed [chttpd] or [ssl] port is fine: the uri file still names it, restarts keep it.)
 _MANAGED = {
     ("couchdb", "database_dir"): "the data lives in the basedir",
     ("couchdb", "view_index_dir"): "the views live in the basedir",
     ("couchdb", "uri_file"): "usercouch learns the port from it",
     ("couchdb", "uuid"): "use config['uuid']",
-    ("chttpd", "port"): "the port is chosen at the first start and kept on restarts",
     ("chttpd", "bind_address"): "use config['bind_address']",
     ("log", "file"): "the log is basedir/log/couchdb.log",
     ("log", "writer"): "the log is basedir/log/couchdb.log",
     ("ssl", "enable"): "use config['ssl']",
-    ("ssl", "port"): "the HTTPS port is chosen at the first start and kept on restarts",
     ("ssl", "cert_file"): "use config['ssl']",
     ("ssl", "key_file"): "use config['ssl']",
 }
