@@ -7,9 +7,11 @@ files, checked once the inner session has exited.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
+import threading
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 from helpers import pid_exists
 
-from usercouch import ConfigError, factories
+from usercouch import ConfigError, UserCouchError, factories
 
 pytest_plugins = ["pytester"]
 
@@ -109,6 +111,8 @@ def test_couch_db_gives_each_test_a_fresh_empty_database(inner: Inner) -> None:
             NAMES.append(couch_db.name)
             record(pid=couch_server.pid, basedir=couch_server.basedir, port=couch["port"],
                    db=couch_db.name)
+            if n == 1:  # a test may delete its own database
+                assert request(couch_db.env, "DELETE", couch_db.name).status == 200
         """
     )
     result = inner.run()
@@ -441,3 +445,46 @@ def test_the_plugin_starts_nothing_unless_asked(inner: Inner) -> None:
     assert "usercouch log tail" not in result.stdout.str()
     help_text = inner.run("--help").stdout.str()
     assert "--usercouch-engine" in help_text and "usercouch_engine" in help_text
+
+
+class _FakeCouch(http.server.BaseHTTPRequestHandler):
+    """Answers PUT with 201 and DELETE with 500: a server whose deletions fail."""
+
+    def do_PUT(self) -> None:
+        self._answer(201, b'{"ok":true}')
+
+    def do_DELETE(self) -> None:
+        self._answer(500, b'{"error":"disk on fire"}')
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_failed_background_deletion_is_reported_naming_the_database() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeCouch)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {"url": f"http://127.0.0.1:{server.server_address[1]}/", "port": 0}
+        with factories.fresh_database(env, "test_first", "couch_db") as first:
+            pass
+        with (
+            pytest.raises(UserCouchError, match=re.escape(repr(first.name))) as caught,
+            factories.fresh_database(env, "test_second", "couch_db"),
+        ):
+            raise AssertionError("the test must not start")
+        assert "disk on fire" in str(caught.value)
+        with factories.fresh_database(env, "test_third", "couch_db") as third:
+            pass
+        with pytest.raises(UserCouchError, match=re.escape(repr(third.name))):
+            factories.finish_deletions(env["url"])
+        factories.finish_deletions(env["url"])  # nothing left pending
+    finally:
+        server.shutdown()
+        server.server_close()

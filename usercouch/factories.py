@@ -348,7 +348,8 @@ def fresh_database(
     try:
         finish_deletions(env["url"])
     except BaseException:
-        _delete(env, name)
+        with contextlib.suppress(Exception):  # the error worth reporting is the first one
+            _delete(env, name)
         raise
     database = CouchDatabase(name, f"{env['url']}{name}/", copy.deepcopy(env), server)
     try:
