@@ -31,6 +31,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the usercouch of this checkout, installed or not
 
 CONFTEST = """
 import json, os
@@ -106,6 +107,11 @@ def main() -> int:
     parser.add_argument("--server-tests", type=int, default=10)
     args = parser.parse_args()
 
+    from usercouch.engines import get_engine
+
+    print(f"engine: {get_engine(args.engine).describe()}")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="usercouch-bench-") as tmp:
         root = Path(tmp)
         write_project(root, args.db_tests, args.server_tests)
@@ -143,6 +149,7 @@ def main() -> int:
         ratio = f"{extra / overhead['couch_db']:>10.1f}x" if extra is not None else f"{'':>11}"
         over = f"{extra:>12.1f}" if extra is not None else f"{'':>12}"
         print(f"{name:<20} {len(values):>5} {med[name]:>10.1f} {p90:>9.1f} {over} {ratio}")
+    print(f"load average: {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     print(f"session server start (paid by the first couch_db test): {session_start:.0f} ms")
     print(f"{args.db_tests} couch_db tests + session server, whole pytest run: {db_run:.2f} s")
 
