@@ -169,22 +169,27 @@ def test_interpreter_exit_stops_the_server_and_removes_the_dir(
     assert leftovers(tmp_path) == []
 
 
-def test_a_forked_child_leaves_the_parents_dir_alone(engine_name: str, tmp_path: Path) -> None:
+def test_a_forked_child_leaves_the_parents_couch_alone(engine_name: str, tmp_path: Path) -> None:
     child = _run_child(
         f"""
-        import os, sys
+        import json, os, sys
         from usercouch.misc import TempCouch
 
         couch = TempCouch({engine_name!r})
+        couch.bootstrap()
         pid = os.fork()
         if pid == 0:
             sys.exit(0)  # runs the inherited atexit finalizers in the child
         os.waitpid(pid, 0)
-        print("after child:", os.path.isdir(couch.basedir), flush=True)
+        print(json.dumps({{"alive": couch.isalive(), "dir": os.path.isdir(couch.basedir),
+                          "pid": couch.pid}}), flush=True)
         """,
         tmp_path,
     )
-    assert "after child: True" in child.stdout, child.stderr
+    assert child.stdout, child.stderr
+    facts = json.loads(child.stdout.splitlines()[0])
+    assert facts["alive"] is True and facts["dir"] is True
+    assert not pid_exists(facts["pid"])  # and the parent's own exit cleaned up
     assert leftovers(tmp_path) == []
 
 

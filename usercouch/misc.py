@@ -35,14 +35,15 @@ def _cleanup_then_remove(
 ) -> None:
     """Run UserCouch's own cleanup (server, lock), then remove the temporary basedir.
 
-    A forked child inherits the finalizer but not the couch: only the creating process
-    removes the directory.
+    A forked child inherits the finalizer but not the couch: it must neither stop the
+    parent's server nor remove its directory, so only the creating process cleans up.
     """
+    if os.getpid() != owner_pid:
+        return
     try:
         cleanup(*args, **kwargs)
     finally:
-        if os.getpid() == owner_pid:
-            shutil.rmtree(basedir, ignore_errors=True)
+        shutil.rmtree(basedir, ignore_errors=True)
 
 
 class TempCouch(UserCouch):
