@@ -896,8 +896,20 @@ def test_check_options_runs_before_anything_is_written(
     engine = CouchDB(home=fake_home())
     opts = build_options("basic", {"username": "admin"}, "[admins]\nadmin = -pbkdf2-0a,s,1\n")
     with pytest.raises(ConfigError, match="the admin usercouch creates"):
-        engine.check_options(opts)
+        engine.check_options(opts, Paths(basedir))
     with UserCouch(basedir, engine=engine) as couch:
         with pytest.raises(ConfigError, match="need auth='basic'"):
             couch.bootstrap("open", extra="[admins]\nbob = -pbkdf2-0a,s,1\n")
+        assert sorted(os.listdir(basedir)) == ["lockfile"]
+
+
+@pytest.mark.parametrize("name", ["with ; semicolon", "with = equals", "new\nline"])
+def test_basedir_the_ini_cannot_hold_is_refused_before_writing(
+    fake_home: Callable[..., str], tmp_path: Path, name: str
+) -> None:
+    basedir = tmp_path / name
+    basedir.mkdir()
+    with UserCouch(basedir, engine=CouchDB(home=fake_home())) as couch:
+        with pytest.raises(ConfigError):
+            couch.bootstrap()
         assert sorted(os.listdir(basedir)) == ["lockfile"]

@@ -452,8 +452,8 @@ class _MissingBinary(Engine):
     def check_extra(self, extra: str) -> None:
         self.inner.check_extra(extra)
 
-    def check_options(self, options: Options) -> None:
-        self.inner.check_options(options)
+    def check_options(self, options: Options, paths: Paths) -> None:
+        self.inner.check_options(options, paths)
 
     def prepare(
         self, paths: Paths, options: Options, uuid: str, port: int, https_port: int = 0

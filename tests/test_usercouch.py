@@ -342,3 +342,26 @@ def test_requests_works_from_the_env_alone(make_couch: MakeCouch) -> None:
     auth = (env["basic"]["username"], env["basic"]["password"])
     basic = requests.get(url + "interop/a", auth=auth)
     assert basic.json()["v"] == 1
+
+
+def test_a_forked_child_exiting_leaves_the_parents_server_alone(
+    engine_name: str, tmp_path: Path
+) -> None:
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        from usercouch import UserCouch
+        couch = UserCouch({str(tmp_path)!r}, engine={engine_name!r})
+        couch.bootstrap()
+        child = os.fork()
+        if child == 0:
+            sys.exit(0)  # a normal exit runs finalizers and atexit in the child
+        os.waitpid(child, 0)
+        print(couch.isalive(), flush=True)
+        couch.close()
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "True"

@@ -195,13 +195,13 @@ def cmd_start(args: argparse.Namespace) -> int:
     try:
         with _Signals(), _couch(basedir, engine, args.timeout) as couch:
             env = _bootstrap(couch, args, progress)
+            running = True  # before printing: a caller may signal as soon as it reads the env
             if args.json:
                 _out(json.dumps(env))
             elif args.shell:
                 _out("\n".join(_shell_lines(env)))
             else:
                 _out("\n".join(_summary(couch, env, basedir is None)))
-            running = True
             pid = couch.pid
             assert pid is not None
             _wait_for_exit(pid)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import subprocess
 import threading
 import time
@@ -33,6 +34,7 @@ class _Resources:
     """
 
     def __init__(self, lock_fd: int, grace: float) -> None:
+        self.owner_pid = os.getpid()
         self.lock_fd: int | None = lock_fd
         self.proc: subprocess.Popen[bytes] | None = None
         self.grace = grace
@@ -44,6 +46,9 @@ class _Resources:
         return process.stop(proc, self.grace if grace is None else grace)
 
     def close(self) -> None:
+        if os.getpid() != self.owner_pid:
+            # A forked child inherited this object: the server and lock are the parent's.
+            return
         try:
             self.stop_server()
         finally:
@@ -111,7 +116,7 @@ class UserCouch:
             options = build_options(auth, config, extra)
             if options.extra is not None:
                 self.engine.check_extra(options.extra)
-            self.engine.check_options(options)
+            self.engine.check_options(options, self.paths)
             layout.make_private_dirs(self.paths)
             self._uuid = layout.stable_uuid(self.paths, options.uuid)
             self._options = options
@@ -222,8 +227,9 @@ class UserCouch:
     def _start(self) -> Ready:
         assert self._options is not None and self._uuid is not None
         layout.rotate_log(self.paths)
-        ports = {"https_port": self._https_port} if self._options.ssl is not None else {}
-        launch = self.engine.prepare(self.paths, self._options, self._uuid, self._port, **ports)
+        launch = self.engine.prepare(
+            self.paths, self._options, self._uuid, self._port, self._https_port
+        )
         try:
             proc = process.spawn(
                 launch.command,

@@ -85,8 +85,11 @@ class Engine(abc.ABC):
         """Raise ConfigError if ``extra`` config text is unusable for this engine."""
         return None
 
-    def check_options(self, options: Options) -> None:
-        """Raise ConfigError for options this engine cannot honour."""
+    def check_options(self, options: Options, paths: Paths) -> None:
+        """Raise ConfigError for options (or basedir paths) this engine cannot honour.
+
+        Called before anything is written into the basedir.
+        """
         return None
 
     @abc.abstractmethod

@@ -297,9 +297,15 @@ class CouchDB(Engine):
     def check_extra(self, extra: str) -> None:
         cfg.check_extra(extra, self.version)
 
-    def check_options(self, options: Options) -> None:
+    def check_options(self, options: Options, paths: Paths) -> None:
         if options.extra:
             cfg.check_extra_admins(cfg.check_extra(options.extra, self.version), options)
+        # A dry run of the pure ini builder refuses paths the ini cannot hold (a basedir
+        # with a newline or ' ;') before bootstrap creates anything in the basedir.
+        dummy_hash = None if options.credentials is None else "-pbkdf2-00,00,1"
+        cfg.session_ini(
+            paths, options, uuid="0" * 32, port=0, secret="dry-run", admin_hash=dummy_hash
+        )
 
     def _admin_hash(self, paths: Paths, options: Options) -> str | None:
         """The admin's hash, made once per basedir and credentials (a restart reuses it)."""

@@ -195,7 +195,7 @@ class PouchDBServer(Engine):
                 '{"couch_httpd_auth": {"timeout": 3600}}; got ' + repr(extra)
             )
 
-    def check_options(self, options: Options) -> None:
+    def check_options(self, options: Options, paths: Paths) -> None:
         if options.replicator is not None and options.replicator.max_depth is not None:
             raise ConfigError(
                 "config['replicator']['max_depth'] is not supported by the PouchDB Server "
