@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 def poll(condition: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> bool:
@@ -33,10 +33,8 @@ def pid_gone(pid: int, timeout: float = 5.0) -> bool:
     return poll(lambda: not pid_exists(pid), timeout)
 
 
-def children_of(pid: int | None = None) -> set[int]:
-    """PIDs of the live direct children of ``pid`` (default: this process)."""
-    parent = os.getpid() if pid is None else pid
-    found = set()
+def _processes() -> Iterator[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every process, from /proc."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -45,6 +43,25 @@ def children_of(pid: int | None = None) -> set[int]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == parent and fields[0] not in ("Z", "X"):
-            found.add(int(entry))
-    return found
+        yield int(entry), fields[0], int(fields[1]), int(fields[2])
+
+
+def _live(state: str) -> bool:
+    return state not in ("Z", "X")
+
+
+def children_of(pid: int | None = None) -> set[int]:
+    """PIDs of the live direct children of ``pid`` (default: this process)."""
+    parent = os.getpid() if pid is None else pid
+    return {p for p, state, ppid, _ in _processes() if ppid == parent and _live(state)}
+
+
+def group_members(pgid: int) -> set[int]:
+    """Live processes whose process group is ``pgid`` (a server and anything it spawned)."""
+    return {p for p, state, _, pgrp in _processes() if pgrp == pgid and _live(state)}
+
+
+def zombie_children() -> set[int]:
+    """Children of this process that exited but were never reaped (a leak too)."""
+    me = os.getpid()
+    return {p for p, state, ppid, _ in _processes() if ppid == me and state == "Z"}

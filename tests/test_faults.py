@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import children_of, pid_exists, poll
+from helpers import children_of, group_members, pid_exists, poll, zombie_children
 
 from usercouch import LockError, StartError, UserCouch
 from usercouch.config import Options
@@ -36,39 +36,6 @@ MakeCouch = Callable[..., UserCouch]
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-
-def _group_members(pgid: int) -> set[int]:
-    """Live processes whose process group is ``pgid`` (a server and anything it spawned)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            found.add(int(entry))
-    return found
-
-
-def _zombie_children() -> set[int]:
-    """Children of this process that exited but were never reaped (a leak too)."""
-    me = os.getpid()
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == me and fields[0] == "Z":
-            found.add(int(entry))
-    return found
 
 
 def _open_fds() -> set[str]:
@@ -150,7 +117,7 @@ def _occupied_port(port: int = 0, host: str = "127.0.0.1") -> Iterator[int]:
 
 def _assert_nothing_running(before: set[int]) -> None:
     assert poll(lambda: children_of() <= before, 5.0), children_of() - before
-    assert not _zombie_children()
+    assert not zombie_children()
 
 
 def _assert_fresh_couch_bootstraps(basedir: Path | str, engine_name: str) -> None:
@@ -230,12 +197,12 @@ def test_owner_sigkilled_leaves_no_server(engine_name: str, tmp_path: Path) -> N
         pid, env = report["pid"], report["env"]
         # The thread that bootstrapped has exited; the server still answers.
         assert request(env, "GET", "/").status == 200
-        group = _group_members(pid)
+        group = group_members(pid)
         assert pid in group
     finally:
         owner.kill()  # SIGKILL: no atexit, no finalizer, no chance to clean up
         owner.wait()
-    assert poll(lambda: not _group_members(pid), 5.0), _group_members(pid)
+    assert poll(lambda: not group_members(pid), 5.0), group_members(pid)
     assert all(not pid_exists(p) for p in group)
     with pytest.raises(OSError):
         request(env, "GET", "/", timeout=1.0)
@@ -290,7 +257,7 @@ def test_four_processes_race_for_one_basedir(engine_name: str, tmp_path: Path) -
             assert loser["message"] == f"cannot acquire exclusive lock on '{lockfile}'"
         env = winners[0]["env"]
         assert request(env, "GET", "/_all_dbs").status == 200
-        assert _group_members(winners[0]["pid"])
+        assert group_members(winners[0]["pid"])
         with pytest.raises(LockError):
             UserCouch(tmp_path, engine=engine_name)  # still held by the winner
     finally:
@@ -302,7 +269,7 @@ def test_four_processes_race_for_one_basedir(engine_name: str, tmp_path: Path) -
             racer.stdin.close()
         codes = [racer.wait(30) for racer in racers]
     assert codes == [0, 0, 0, 0]
-    assert not _group_members(winners[0]["pid"])
+    assert not group_members(winners[0]["pid"])
     _assert_fresh_couch_bootstraps(tmp_path, engine_name)
 
 
@@ -347,7 +314,7 @@ def test_leftovers_of_a_crash_do_not_stop_the_next_start(
     finally:
         crasher.kill()
         crasher.wait()
-    assert poll(lambda: not _group_members(pid), 5.0)
+    assert poll(lambda: not group_members(pid), 5.0)
 
     with _occupied_port() as decoy:
         _plant_leftovers(tmp_path, decoy)
@@ -567,7 +534,7 @@ def test_fifty_cycles_leak_nothing(
     assert len(set(pids)) == 50
     assert not any(pid_exists(pid) for pid in pids)
     assert children_of() == before_children
-    assert not _zombie_children()
+    assert not zombie_children()
     assert _open_fds() == before_fds
     assert threading.active_count() == before_threads
     assert _my_flocks() == before_locks
