@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -38,6 +39,7 @@ class _Resources:
         self.lock_fd: int | None = lock_fd
         self.proc: subprocess.Popen[bytes] | None = None
         self.grace = grace
+        self.after_close: list[Callable[[], object]] = []
 
     def stop_server(self, grace: float | None = None) -> bool:
         proc, self.proc = self.proc, None
@@ -55,6 +57,9 @@ class _Resources:
             if self.lock_fd is not None:
                 lock.release(self.lock_fd)
                 self.lock_fd = None
+            while self.after_close:
+                with contextlib.suppress(Exception):
+                    self.after_close.pop()()
 
 
 def _release(resources: _Resources) -> None:
@@ -175,6 +180,14 @@ class UserCouch:
     def close(self) -> None:
         """Stop the server and release the basedir's lock (idempotent)."""
         self._finalizer()
+
+    def _after_close(self, action: Callable[[], object]) -> None:
+        """Run ``action`` once, after the server is stopped and the lock released.
+
+        For subclasses that own more than the basedir's contents (TempCouch removes the
+        basedir itself); like the rest of the cleanup it runs only in the creating process.
+        """
+        self._resources.after_close.append(action)
 
     def __enter__(self) -> UserCouch:
         return self

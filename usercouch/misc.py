@@ -1,19 +1,19 @@
 """Throwaway couches for tests: TempCouch and CouchTestCase (names kept from the original).
 
-A TempCouch lives in a fresh temporary basedir that goes away with it. The removal is
-chained onto UserCouch's own finalizer, so it runs exactly once, after the server is
-stopped and the lock released, whichever way the couch ends: close(), the with-block,
-garbage collection or interpreter exit.
+A TempCouch lives in a fresh temporary basedir that goes away with it. The removal is part
+of UserCouch's own cleanup, so it runs exactly once, after the server is stopped and the
+lock released, whichever way the couch ends: close(), the with-block, garbage collection
+or interpreter exit (and never in a forked child).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
 import unittest
-import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from .couch import DEFAULT_TIMEOUT, UserCouch
@@ -24,26 +24,6 @@ SKIP_ENV_VAR = "SKIP_USERCOUCH_TEST_CASES"
 _TRUE = ("1", "true", "yes", "on")
 
 __all__ = ["SKIP_ENV_VAR", "CouchTestCase", "TempCouch", "skip_test_cases"]
-
-
-def _cleanup_then_remove(
-    cleanup: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    basedir: str,
-    owner_pid: int,
-) -> None:
-    """Run UserCouch's own cleanup (server, lock), then remove the temporary basedir.
-
-    A forked child inherits the finalizer but not the couch: it must neither stop the
-    parent's server nor remove its directory, so only the creating process cleans up.
-    """
-    if os.getpid() != owner_pid:
-        return
-    try:
-        cleanup(*args, **kwargs)
-    finally:
-        shutil.rmtree(basedir, ignore_errors=True)
 
 
 class TempCouch(UserCouch):
@@ -66,15 +46,7 @@ class TempCouch(UserCouch):
         except BaseException:
             shutil.rmtree(basedir, ignore_errors=True)
             raise
-        # Replace UserCouch's finalizer with one that runs it and then removes the basedir:
-        # one finalizer, so the order (stop, unlock, remove) holds even at interpreter exit.
-        detached = self._finalizer.detach()
-        assert detached is not None, "a new UserCouch's finalizer is alive"
-        _, cleanup, args, kwargs = detached
-        finalizer = weakref.finalize(
-            self, _cleanup_then_remove, cleanup, args, kwargs or {}, self.basedir, os.getpid()
-        )
-        self._finalizer = finalizer  # type: ignore[assignment]  # same role, other arguments
+        self._after_close(functools.partial(shutil.rmtree, basedir, ignore_errors=True))
 
     def __enter__(self) -> TempCouch:
         return self
