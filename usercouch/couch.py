@@ -284,7 +284,7 @@ class UserCouch:
             raise StartError(
                 f"{self.engine.name}: {reason}",
                 command=launch.command,
-                returncode=proc.returncode if returncode is not None else None,
+                returncode=returncode,
                 log_tail=self.log_tail(),
             )
         self._port = ready.port
