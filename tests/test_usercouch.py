@@ -51,7 +51,7 @@ def test_second_instance_on_same_basedir_gets_lock_error(make_couch: MakeCouch) 
         UserCouch(first.basedir)
     lockfile = os.path.join(first.basedir, "lockfile")
     assert info.value.lockfile == lockfile
-    assert str(info.value) == f"cannot acquire exclusive lock on {lockfile!r}"
+    assert str(info.value) == f"cannot acquire exclusive lock on '{lockfile}'"
 
 
 def test_lock_is_released_by_close_with_and_gc(engine_name: str, tmp_path: Path) -> None:

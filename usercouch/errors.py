@@ -14,7 +14,8 @@ class LockError(UserCouchError):
 
     def __init__(self, lockfile: str) -> None:
         self.lockfile = lockfile
-        super().__init__(f"cannot acquire exclusive lock on {lockfile!r}")
+        # The documented message, quoted as written even if the path holds a quote.
+        super().__init__(f"cannot acquire exclusive lock on '{lockfile}'")
 
 
 class ConfigError(UserCouchError, ValueError):
