@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,6 +108,39 @@ def install(
     return home
 
 
+# What express-pouchdb takes as an already-hashed admin (anything else it hashes itself,
+# after the clear text has been on disk in the config file).
+_ADMIN_HASH_RE = re.compile(r"-pbkdf2-[0-9a-f]+,[0-9a-f]+,[0-9]+\Z")
+
+
+def check_extra(extra: str) -> dict[str, dict[str, Any]]:
+    """Parse ``extra`` (a JSON object of config sections) or say what is wrong with it.
+
+    Error messages never quote the text: it may hold a password.
+    """
+    try:
+        parsed = json.loads(extra)
+    except ValueError as exc:
+        raise ConfigError(f"extra must be a JSON object for PouchDB Server: {exc}") from None
+    if not isinstance(parsed, dict) or not all(isinstance(v, dict) for v in parsed.values()):
+        raise ConfigError(
+            "extra must be a JSON object of sections (objects), e.g. "
+            '{"couch_httpd_auth": {"timeout": 3600}}; got a JSON '
+            f"{type(parsed).__name__} or a section that is not an object"
+        )
+    if "usercouch" in parsed:
+        raise ConfigError("extra section 'usercouch' is reserved for usercouch's launcher")
+    for name, value in parsed.get("admins", {}).items():
+        if not isinstance(value, str) or not _ADMIN_HASH_RE.match(value):
+            # Never echo the value: it is (or may be) a password.
+            raise ConfigError(
+                f"extra admins[{name!r}] is not a '-pbkdf2-<hex>,<hex salt>,<iterations>' "
+                "hash: a clear-text password would be written into the basedir first. Use "
+                "usercouch.config.pbkdf2_hash(password) to make one."
+            )
+    return parsed
+
+
 def build_config(
     paths: Paths, options: Options, uuid: str, port: int, https_port: int = 0
 ) -> dict[str, Any]:
@@ -146,7 +180,7 @@ def build_config(
             "key_file": options.replicator.key_file,
         }
     if options.extra:
-        for section, values in json.loads(options.extra).items():
+        for section, values in check_extra(options.extra).items():
             config.setdefault(section, {}).update(values)
     return config
 
@@ -185,15 +219,7 @@ class PouchDBServer(Engine):
         return f"pouchdb {self.version} in {self.home} (node: {self.node})"
 
     def check_extra(self, extra: str) -> None:
-        try:
-            parsed = json.loads(extra)
-        except ValueError as exc:
-            raise ConfigError(f"extra must be a JSON object for PouchDB Server: {exc}") from None
-        if not isinstance(parsed, dict) or not all(isinstance(v, dict) for v in parsed.values()):
-            raise ConfigError(
-                "extra must be a JSON object of sections, e.g. "
-                '{"couch_httpd_auth": {"timeout": 3600}}; got ' + repr(extra)
-            )
+        check_extra(extra)
 
     def check_options(self, options: Options, paths: Paths) -> None:
         if options.replicator is not None and options.replicator.max_depth is not None:

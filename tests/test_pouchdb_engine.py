@@ -1,0 +1,149 @@
+"""Unit tests of the PouchDB Server engine's pure parts: config building, extra, discovery."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from usercouch.config import build_options, pbkdf2_hash
+from usercouch.engines import pouchdb
+from usercouch.errors import ConfigError, EngineNotFound
+from usercouch.layout import Paths
+
+PATHS = Paths("/base dir")
+UUID = "0123456789abcdef0123456789abcdef"
+
+
+def test_config_for_basic_auth() -> None:
+    options = build_options("basic", {"username": "joe", "password": "pw"})
+    config = pouchdb.build_config(PATHS, options, UUID, 0)
+    secret = config["couch_httpd_auth"].pop("secret")
+    assert len(secret) == 32
+    admin_hash = config.pop("admins")["joe"]
+    assert config == {
+        "couchdb": {
+            "database_dir": "/base dir/data",
+            "uuid": UUID,
+            "file_compression": "snappy",
+        },
+        "httpd": {"bind_address": "127.0.0.1", "port": 0},
+        "couch_httpd_auth": {"iterations": 10, "require_valid_user": True},
+        "log": {"file": "/base dir/log/couchdb.log", "level": "info"},
+        "usercouch": {"auth": "basic"},
+    }
+    derived, salt, iterations = admin_hash.removeprefix("-pbkdf2-").split(",")
+    assert derived == hashlib.pbkdf2_hmac("sha1", b"pw", salt.encode(), 10, 20).hex()
+    assert iterations == "10"
+    assert "pw" not in json.dumps(config)
+
+
+def test_config_for_open_auth_has_no_admins() -> None:
+    config = pouchdb.build_config(PATHS, build_options("open"), UUID, 5984)
+    assert "admins" not in config
+    assert config["couch_httpd_auth"]["require_valid_user"] is False
+    assert config["usercouch"] == {"auth": "open"}
+    assert config["httpd"]["port"] == 5984
+
+
+@pytest.mark.parametrize(
+    ("couch_level", "pouch_level"),
+    [("debug", "debug"), ("notice", "info"), ("warning", "warning"), ("critical", "error"),
+     ("none", "none")],
+)
+def test_log_levels_map_to_pouchdb_levels(couch_level: str, pouch_level: str) -> None:
+    options = build_options("open", {"loglevel": couch_level})
+    assert pouchdb.build_config(PATHS, options, UUID, 0)["log"]["level"] == pouch_level
+
+
+def test_extra_sections_are_merged_last() -> None:
+    extra = json.dumps({"log": {"level": "error"}, "couch_httpd_auth": {"timeout": 60}})
+    config = pouchdb.build_config(PATHS, build_options("open", extra=extra), UUID, 0)
+    assert config["log"] == {"file": "/base dir/log/couchdb.log", "level": "error"}
+    assert config["couch_httpd_auth"]["timeout"] == 60
+
+
+def test_tls_sections(tmp_path: Path) -> None:
+    files = {}
+    for name in ("crt", "key", "ca"):
+        files[name] = str(tmp_path / name)
+        Path(files[name]).write_text(name)
+    options = build_options(
+        "open",
+        {
+            "ssl": {"cert_file": files["crt"], "key_file": files["key"]},
+            "replicator": {"ca_file": files["ca"]},
+        },
+    )
+    config = pouchdb.build_config(PATHS, options, UUID, 0, 4443)
+    assert config["usercouch"]["ssl"] == {
+        "cert_file": files["crt"], "key_file": files["key"], "ca_file": None, "port": 4443,
+    }
+    assert config["usercouch"]["replicator"] == {
+        "ca_file": files["ca"], "cert_file": None, "key_file": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ("not json", "JSON object"),
+        ("[1, 2]", "list"),
+        ('{"log": "debug"}', "not an object"),
+        ('{"usercouch": {"auth": "open"}}', "reserved"),
+        ('{"admins": {"eve": "hunter2"}}', "admins['eve']"),
+        ('{"admins": {"eve": "-hashed-abc,def"}}', "admins['eve']"),
+    ],
+)
+def test_bad_extra_is_refused(extra: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        pouchdb.check_extra(extra)
+    assert needle in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+def test_hashed_extra_admins_are_accepted() -> None:
+    extra = json.dumps({"admins": {"eve": pbkdf2_hash("pw")}})
+    assert set(pouchdb.check_extra(extra)["admins"]) == {"eve"}
+
+
+def test_missing_install_says_how_to_get_one(tmp_path: Path) -> None:
+    with pytest.raises(EngineNotFound, match="python -m usercouch install pouchdb"):
+        pouchdb.PouchDBServer(home=str(tmp_path), node="/usr/bin/node")
+
+
+def test_home_comes_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("USERCOUCH_POUCHDB_HOME", str(tmp_path))
+    with pytest.raises(EngineNotFound, match=str(tmp_path)):
+        pouchdb.PouchDBServer(node="/usr/bin/node")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert pouchdb.default_home() == str(tmp_path / "cache" / "usercouch" / "pouchdb-server")
+
+
+def test_is_installed_needs_the_stamp_of_this_lockfile(tmp_path: Path) -> None:
+    server = tmp_path / "node_modules" / "pouchdb-server"
+    server.mkdir(parents=True)
+    (server / "package.json").write_text('{"version": "4.2.0"}')
+    assert not pouchdb.is_installed(str(tmp_path))
+    (tmp_path / ".usercouch-installed").write_text("stale\n")
+    assert not pouchdb.is_installed(str(tmp_path))
+    with open(os.path.join(pouchdb.runtime_dir(), "package-lock.json"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    (tmp_path / ".usercouch-installed").write_text(digest + "\n")
+    assert pouchdb.is_installed(str(tmp_path))
+    messages: list[str] = []
+    assert pouchdb.install(str(tmp_path), progress=messages.append) == str(tmp_path)
+    assert messages == [f"PouchDB Server already installed in {tmp_path}"]
+
+
+def test_runtime_files_ship_with_the_package() -> None:
+    for name in ("launcher.js", "package.json", "package-lock.json", ".npmrc"):
+        assert os.path.isfile(os.path.join(pouchdb.runtime_dir(), name)), name
+    with open(os.path.join(pouchdb.runtime_dir(), ".npmrc"), encoding="utf-8") as f:
+        npmrc = f.read()
+    assert "omit=optional" in npmrc and "ignore-scripts=true" in npmrc
