@@ -200,7 +200,7 @@ CASES: dict[str, Case | Any] = {
         _boot(ConfigError, "extra", '["a"]', extra='["a"]'), marks=pytest.mark.pouchdb_only
     ),
     "extra-section-not-object": pytest.param(
-        _boot(ConfigError, "extra", '{"httpd": 5}', extra='{"httpd": 5}'),
+        _boot(ConfigError, "extra", "'httpd'", "got 5", extra='{"httpd": 5}'),
         marks=pytest.mark.pouchdb_only,
     ),
 }

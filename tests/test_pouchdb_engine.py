@@ -91,8 +91,9 @@ def test_tls_sections(tmp_path: Path) -> None:
     ("extra", "needle"),
     [
         ("not json", "JSON object"),
-        ("[1, 2]", "list"),
-        ('{"log": "debug"}', "not an object"),
+        ("[1, 2]", "got [1, 2]"),
+        ('{"log": "debug"}', "section 'log' must be a JSON object"),
+        ('{"admins": "hunter2"}', "section 'admins'"),
         ('{"usercouch": {"auth": "open"}}', "reserved"),
         ('{"admins": {"eve": "hunter2"}}', "admins['eve']"),
         ('{"admins": {"eve": "-hashed-abc,def"}}', "admins['eve']"),

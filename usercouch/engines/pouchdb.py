@@ -113,21 +113,31 @@ def install(
 _ADMIN_HASH_RE = re.compile(r"-pbkdf2-[0-9a-f]+,[0-9a-f]+,[0-9]+\Z")
 
 
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_extra(extra: str) -> dict[str, dict[str, Any]]:
     """Parse ``extra`` (a JSON object of config sections) or say what is wrong with it.
 
-    Error messages never quote the text: it may hold a password.
+    Error messages never quote an admin's value: it may be a password.
     """
     try:
         parsed = json.loads(extra)
     except ValueError as exc:
         raise ConfigError(f"extra must be a JSON object for PouchDB Server: {exc}") from None
-    if not isinstance(parsed, dict) or not all(isinstance(v, dict) for v in parsed.values()):
+    example = '{"couch_httpd_auth": {"timeout": 3600}}'
+    if not isinstance(parsed, dict):
         raise ConfigError(
-            "extra must be a JSON object of sections (objects), e.g. "
-            '{"couch_httpd_auth": {"timeout": 3600}}; got a JSON '
-            f"{type(parsed).__name__} or a section that is not an object"
+            f"extra must be a JSON object of sections, e.g. {example}; got {_shorten(extra)}"
         )
+    for section, values in parsed.items():
+        if not isinstance(values, dict):
+            shown = "a non-object" if section == "admins" else json.dumps(values)
+            raise ConfigError(
+                f"extra section {section!r} must be a JSON object, e.g. {example}; "
+                f"got {_shorten(shown)}"
+            )
     if "usercouch" in parsed:
         raise ConfigError("extra section 'usercouch' is reserved for usercouch's launcher")
     for name, value in parsed.get("admins", {}).items():
