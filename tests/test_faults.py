@@ -152,6 +152,30 @@ def test_sigkilled_server_restarts_with_every_acknowledged_write(make_couch: Mak
     assert couch.check() is False  # healthy now: no second restart
 
 
+@pytest.mark.parametrize("stop", ["kill", "crash"])
+def test_databases_created_or_deleted_just_before_a_stop_stay_so(
+    make_couch: MakeCouch, stop: str
+) -> None:
+    """An acknowledged PUT /db or DELETE /db is durable, however soon the server stops.
+
+    PouchDB Server records databases in pouch__all_dbs__ from a queue, after its answer:
+    stopped right after a 201, the database used to vanish (and a deleted one to come back).
+    """
+    couch = make_couch()
+    env = couch.bootstrap()
+    for i in range(4):
+        assert request(env, "PUT", f"/made{i}").status == 201
+        getattr(couch, stop)()
+        assert couch.start() is True
+        assert request(env, "GET", f"/made{i}").status == 200
+        assert request(env, "DELETE", f"/made{i}").status == 200
+        getattr(couch, stop)()
+        assert couch.start() is True
+        assert request(env, "GET", f"/made{i}").status == 404
+    user_dbs = [db for db in request(env, "GET", "/_all_dbs").json() if not db.startswith("_")]
+    assert user_dbs == []
+
+
 def test_check_after_a_crash_keeps_old_credentials_and_refuses_others(
     make_couch: MakeCouch,
 ) -> None:

@@ -6,6 +6,7 @@
 //   * require_valid_user: anonymous requests get 401 when basic auth is on;
 //   * no crash on a non-admin PUT /db (pouchdb-server #374) or on a failed replication;
 //   * no CORS, no runtime _config changes, no Fauxton;
+//   * PUT/DELETE /db answered only once the database list is written (durable on a kill);
 //   * exits at once on SIGTERM/SIGINT, and when the owning process goes away.
 //
 // Usage: node launcher.js --modules DIR/node_modules --config FILE [--ready-fd N]
@@ -109,6 +110,28 @@ function reorderBulkDocs(req, res, next) {
   return next();
 }
 
+// PouchDB records databases in pouch__all_dbs__ from a queue, after it has answered PUT /db
+// or DELETE /db: a server stopped right after a 201 lost the database. Hold the answer until
+// that queue has caught up (allDbs() runs behind the pending write), so an acknowledged
+// creation or deletion is on disk.
+function durableDbChanges(req, res, next) {
+  if ((req.method !== 'PUT' && req.method !== 'DELETE') || !DB_PATH.test(req.path)) {
+    return next();
+  }
+  const end = res.end;
+  res.end = function (...args) {
+    res.end = end;
+    const finish = () => end.apply(res, args);
+    const allDbs = req.PouchDB && req.PouchDB.allDbs;
+    if (typeof allDbs !== 'function') {
+      return finish();
+    }
+    allDbs.call(req.PouchDB).then(finish, finish);
+    return res;
+  };
+  return next();
+}
+
 function main() {
   const args = parseArgs(process.argv.slice(2));
   const modules = path.resolve(args.modules);
@@ -156,6 +179,7 @@ function main() {
     return next();
   });
   app.use(reorderBulkDocs);
+  app.use(durableDbChanges);
   app.use(pouchApp);
 
   const dataDir = config.couchdb.database_dir;
