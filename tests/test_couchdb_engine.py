@@ -254,6 +254,7 @@ def test_vm_args_name_no_node() -> None:
         "-kernel error_logger silent\n"
         "-sasl sasl_error_logger false\n"
         "+Bd -noinput\n"
+        "+fnl\n"
         "-os_mon start_cpu_sup false\n"
         "-os_mon start_memsup false\n"
     )

@@ -38,11 +38,16 @@ CRASH_DUMP = "erl_crash.dump"
 ADMIN_PARTY_VAR = "COUCHDB_TEST_ADMIN_PARTY_OVERRIDE"
 
 #: No -name/-sname: the node runs as nonode@nohost without epmd, a cookie or a distribution
-#: port, so any number of instances run side by side (exactly the tested file).
+#: port, so any number of instances run side by side (the tested file, plus ``+fnl``).
+#: ``+fnl``: CouchDB reads the ini as bytes, one character per byte, and hands those to the
+#: file system; under a UTF-8 locale Erlang would re-encode each byte of a non-ASCII path
+#: (``é`` becoming ``Ã©``) and write data, log and uri file outside the basedir. Latin-1
+#: file names pass the bytes through unchanged (checked with Erlang/OTP 25).
 VM_ARGS_TEXT = (
     "-kernel error_logger silent\n"
     "-sasl sasl_error_logger false\n"
     "+Bd -noinput\n"
+    "+fnl\n"
     "-os_mon start_cpu_sup false\n"
     "-os_mon start_memsup false\n"
 )
