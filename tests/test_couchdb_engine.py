@@ -622,6 +622,31 @@ def test_not_found_names_every_place_and_what_was_wrong(tmp_path: Path) -> None:
     assert "COUCHDB_HOME" in lines[7]
 
 
+def test_a_default_ini_readable_only_by_its_group_says_how_to_fix_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The deb/rpm packages make etc/default.ini 0640 couchdb:couchdb. Root reads it anyway,
+    # so the refusal is simulated rather than made with chmod.
+    import grp
+
+    from usercouch.engines import couchdb as module
+
+    opt = make_tree(tmp_path / "opt" / "couchdb")
+    ini = opt / "etc" / "default.ini"
+    group = grp.getgrgid(ini.stat().st_gid).gr_name
+
+    def refuse(path: str, *args: object, **kwargs: object) -> object:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(module, "open", refuse, raising=False)
+    with pytest.raises(EngineNotFound) as info:
+        find(tmp_path)
+    message = str(info.value)
+    assert f"{opt}: etc/default.ini is not readable by this user" in message
+    assert f"sudo usermod -aG {group} $USER" in message
+    assert f"sudo chmod o+r {ini}" in message
+
+
 def test_a_2x_home_is_refused_clearly(tmp_path: Path) -> None:
     old = make_tree(tmp_path / "old", "2.3.1")
     with pytest.raises(EngineNotFound, match=r"CouchDB 2\.3\.1 is not supported"):

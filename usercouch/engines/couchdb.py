@@ -103,6 +103,8 @@ def inspect_root(root: str) -> str | None:
     try:
         with open(ini, "rb"):
             pass
+    except PermissionError:
+        raise Unusable(permission_hint(ini)) from None
     except OSError as exc:
         raise Unusable(f"etc/default.ini is unreadable ({exc.strerror or exc})") from None
     version = install_version(root)
@@ -111,6 +113,24 @@ def inspect_root(root: str) -> str | None:
     except ConfigError as exc:
         raise Unusable(str(exc)) from None
     return version
+
+
+def permission_hint(ini: str) -> str:
+    """Why ``ini`` cannot be read, and the fix (the .deb package makes it 0640 couchdb).
+
+    CouchDB reads etc/default.ini as the user running it, so usercouch cannot work around
+    this: the owner of the machine has to grant read access once.
+    """
+    group = "couchdb"
+    with contextlib.suppress(OSError, KeyError, ImportError):
+        import grp
+
+        group = grp.getgrgid(os.stat(ini).st_gid).gr_name
+    return (
+        "etc/default.ini is not readable by this user (the Debian and Ubuntu packages make "
+        f"it readable to the '{group}' group only). Join that group (sudo usermod -aG {group} "
+        f"$USER, then log in again) or make the file readable (sudo chmod o+r {ini})"
+    )
 
 
 def roots_of_executable(path: str) -> list[str]:
