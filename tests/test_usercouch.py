@@ -344,6 +344,20 @@ def test_requests_works_from_the_env_alone(make_couch: MakeCouch) -> None:
     assert basic.json()["v"] == 1
 
 
+def test_a_documents_etag_is_its_revision(make_couch: MakeCouch) -> None:
+    """Clients take the rev from HEAD's ETag (pycouchdb's delete(id) does), as CouchDB sends it."""
+    env = make_couch().bootstrap()
+    assert request(env, "PUT", "/tags").status == 201
+    for doc_id in ("plain", "_design/ddoc"):
+        rev = request(env, "PUT", f"/tags/{doc_id}", body={"v": 1}).json()["rev"]
+        for method in ("HEAD", "GET"):
+            resp = request(env, method, f"/tags/{doc_id}")
+            assert resp.status == 200
+            assert resp.headers["etag"] == f'"{rev}"', (method, doc_id)
+    rev = request(env, "HEAD", "/tags/plain").headers["etag"].strip('"')
+    assert request(env, "DELETE", f"/tags/plain?rev={rev}").status == 200
+
+
 def test_a_forked_child_exiting_leaves_the_parents_server_alone(
     engine_name: str, tmp_path: Path
 ) -> None:

@@ -7,6 +7,7 @@
 //   * no crash on a non-admin PUT /db (pouchdb-server #374) or on a failed replication;
 //   * no CORS, no runtime _config changes, no Fauxton;
 //   * PUT/DELETE /db answered only once the database list is written (durable on a kill);
+//   * a document's ETag is its revision, as CouchDB's is;
 //   * exits at once on SIGTERM/SIGINT, and when the owning process goes away.
 //
 // Usage: node launcher.js --modules DIR/node_modules --config FILE [--ready-fd N]
@@ -110,6 +111,32 @@ function reorderBulkDocs(req, res, next) {
   return next();
 }
 
+// A document: /db/id or /db/_design/id (CouchDB tags _local docs with a hash, not a rev).
+const DOC_PATH = /^\/[^/]+\/(?:_design\/[^/]+|[^/_][^/]*)$/;
+
+// CouchDB sends a document's revision as its ETag, and clients rely on it (pycouchdb's
+// delete(id) takes the rev from HEAD's ETag); express-pouchdb sends a hash of the body.
+function revisionETag(req, res, next) {
+  if ((req.method !== 'GET' && req.method !== 'HEAD') || !DOC_PATH.test(req.path)) {
+    return next();
+  }
+  const send = res.send.bind(res);
+  res.send = function (body) {
+    if (res.statusCode === 200 && !res.get('ETag')) {
+      try {
+        const doc = JSON.parse(Buffer.isBuffer(body) ? body.toString('utf8') : String(body));
+        if (doc && typeof doc._rev === 'string') {
+          res.set('ETag', '"' + doc._rev + '"');
+        }
+      } catch (e) {
+        // not a JSON document (an attachment, multipart): leave it alone
+      }
+    }
+    return send(body);
+  };
+  return next();
+}
+
 // PouchDB records databases in pouch__all_dbs__ from a queue, after it has answered PUT /db
 // or DELETE /db: a server stopped right after a 201 lost the database. Hold the answer until
 // that queue has caught up (allDbs() runs behind the pending write), so an acknowledged
@@ -180,6 +207,7 @@ function main() {
   });
   app.use(reorderBulkDocs);
   app.use(durableDbChanges);
+  app.use(revisionETag);
   app.use(pouchApp);
 
   const dataDir = config.couchdb.database_dir;
