@@ -39,6 +39,17 @@ def test_basedir_that_is_a_file_is_named(tmp_path: Path) -> None:
         UserCouch(afile)
 
 
+def test_empty_basedir_is_refused_not_taken_for_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="basedir is empty"):
+        UserCouch("")
+    assert list(tmp_path.iterdir()) == []
+    UserCouch(".").close()  # the working directory, asked for explicitly
+    assert (tmp_path / "lockfile").exists()
+
+
 def test_unknown_engine_name_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'mongo'"):
         UserCouch(tmp_path, engine="mongo")

@@ -46,6 +46,9 @@ def check_basedir(basedir: object) -> str:
     """Return ``basedir`` as an absolute path, or raise naming it if it is not a directory."""
     if not isinstance(basedir, (str, os.PathLike)):
         raise TypeError(f"basedir must be a str or os.PathLike; got {type(basedir).__name__}")
+    if os.fsdecode(basedir) == "":
+        # abspath('') is the working directory: an unset variable must not lock and fill it.
+        raise ValueError("basedir is empty: name a directory ('.' for the current one)")
     path = os.path.abspath(os.fsdecode(basedir))
     if "\0" in path:
         raise ValueError(f"basedir contains a NUL character: {path!r}")
