@@ -292,8 +292,11 @@ def test_anonymous_requests_get_401_everywhere(
     assert couch.isalive()
 
 
+MALFORMED_BASIC = "Basic !!!not-base64!!!"
+
+
 def test_wrong_credentials_get_401(
-    seeded: tuple[UserCouch, dict[str, Any], dict[str, Any]],
+    seeded: tuple[UserCouch, dict[str, Any], dict[str, Any]], engine_name: str
 ) -> None:
     _, env, _ = seeded
     user, password = env["basic"]["username"], env["basic"]["password"]
@@ -302,13 +305,18 @@ def test_wrong_credentials_get_401(
         _basic(user, ""),
         _basic(user.lower() + "x", password),
         _basic("", password),
-        "Basic !!!not-base64!!!",
+        MALFORMED_BASIC,
         "Bearer " + password,
     ]
     for header in bad_headers:
+        expected: tuple[int, ...] = (401,)
+        if header == MALFORMED_BASIC and engine_name == "couchdb":
+            # CouchDB's basic_name_pw catches only function_clause from base64:decode:
+            # 400 on Erlang/OTP 24 and older, 500 where OTP raises badarg. Refused either way.
+            expected = (400, 500)
         for method, path in (("GET", "/_all_dbs"), ("GET", "/vault/secret"), ("PUT", "/x-db")):
             resp = _raw(env, method, path, headers={"Authorization": header})
-            assert resp.status == 401, f"{header!r} {method} {path}: {resp.status}"
+            assert resp.status in expected, f"{header!r} {method} {path}: {resp.status}"
             assert SECRET_VALUE.encode() not in resp.body
     resp = _raw(env, "POST", "/_session", body={"name": user, "password": password + "x"})
     assert resp.status == 401
