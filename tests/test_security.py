@@ -373,6 +373,16 @@ def test_foreign_origin_gets_no_cors_grant(
         assert "access-control-allow-methods" not in resp.headers
 
 
+def test_responses_do_not_advertise_the_web_framework(
+    seeded: tuple[UserCouch, dict[str, Any], dict[str, Any]],
+) -> None:
+    _, env, _ = seeded
+    for path in ("/", "/vault", "/vault/secret", "/_session", "/_all_dbs", "/nothing"):
+        for headers in ({"Authorization": env["authorization"]}, {}):
+            resp = _raw(env, "GET", path, headers=headers)
+            assert "x-powered-by" not in resp.headers, (path, resp.headers)
+
+
 # -- loopback only --------------------------------------------------------------------------
 
 

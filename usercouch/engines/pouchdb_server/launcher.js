@@ -192,6 +192,7 @@ function main() {
     mode: 'fullCouchDB',
     overrideMode: { exclude: ['routes/fauxton'] },
   });
+  pouchApp.disable('x-powered-by'); // the sub-app sets the header itself
   insertAfterSessionLayer(pouchApp, makeGuard(options.auth === 'basic'));
 
   const app = express();
