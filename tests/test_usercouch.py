@@ -329,6 +329,21 @@ def test_log_is_rotated_on_restart(make_couch: MakeCouch) -> None:
     assert os.path.isfile(couch.logfile)
 
 
+def test_log_tail_gives_the_last_n_lines_and_none_for_zero(make_couch: MakeCouch) -> None:
+    couch = make_couch()
+    env = couch.bootstrap(config={"loglevel": "debug"})
+    for i in range(5):
+        request(env, "GET", f"/_uuids?n={i + 1}")
+    couch.kill()  # the log is final once the server is gone
+    with open(couch.logfile, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    assert len(lines) > 3
+    assert couch.log_tail(3) == "\n".join(lines[-3:])
+    assert couch.log_tail(1) == lines[-1]
+    assert couch.log_tail(0) == ""
+    assert couch.log_tail(-2) == ""
+
+
 def test_version_is_known(make_couch: MakeCouch) -> None:
     couch = make_couch()
     couch.bootstrap()

@@ -105,7 +105,9 @@ def stable_uuid(paths: Paths, wanted: str | None) -> str:
 
 
 def tail(path: str, lines: int = 30, max_bytes: int = 16384) -> str:
-    """The last ``lines`` lines of a text file ('' if it is missing)."""
+    """The last ``lines`` lines of a text file ('' if it is missing, or if ``lines`` <= 0)."""
+    if lines <= 0:
+        return ""  # a [-0:] slice would be the whole text
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
