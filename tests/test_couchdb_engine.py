@@ -340,6 +340,8 @@ def test_extra_accepts_ordinary_ini() -> None:
         ("[chttpd]\nbind_address = ::\n", "config['bind_address']"),
         ("[log]\nfile = /tmp/x.log\n", "[log] file is set by usercouch"),
         ("[ssl]\nenable = true\n", "config['ssl']"),
+        ("[couchdb]\nx = 1\n[log]\nlevel = debug\n[couchdb]\nx = 2\n",
+         "extra line 6: [couchdb] x is already set on line 2"),
     ],
 )
 def test_extra_refused(extra: str, needle: str) -> None:

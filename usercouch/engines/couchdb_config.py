@@ -198,8 +198,13 @@ def check_extra(extra: str, version: str | None) -> list[IniEntry]:
     or that would put a clear-text admin password on disk. Returns the parsed entries.
     """
     entries = parse_ini(extra)
+    seen: dict[tuple[str, str], int] = {}
     for entry in entries:
         where = f"extra line {entry.lineno}: [{entry.section}] {entry.key}"
+        first = seen.setdefault((entry.section, entry.key), entry.lineno)
+        if first != entry.lineno:
+            # CouchDB loads a file's keys in one ets:insert; which duplicate wins is undefined.
+            raise ConfigError(f"{where} is already set on line {first}: give each key once")
         why = _MANAGED.get((entry.section, entry.key))
         if why is not None:
             raise ConfigError(f"{where} is set by usercouch and cannot be overridden ({why})")
