@@ -218,6 +218,14 @@ def test_session_ini_refuses_paths_the_ini_reader_would_cut(base: str) -> None:
         )
 
 
+def test_session_ini_refuses_a_tls_path_the_ini_reader_would_trim() -> None:
+    from usercouch.config import TLSServer
+
+    tls = TLSServer(cert_file="/pki/server.crt ", key_file="/pki/server.key")
+    with pytest.raises(ConfigError, match=r"ssl cert_file starts or ends with white space"):
+        ini(options(ssl=tls))
+
+
 # -- the admin's hash -----------------------------------------------------------------------
 
 

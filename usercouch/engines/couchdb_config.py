@@ -248,6 +248,10 @@ def check_ini_path(name: str, path: str) -> str:
     """Refuse a path CouchDB's ini reader would cut short or split; return it unchanged."""
     if any(ord(c) < 32 or ord(c) == 127 for c in path):
         raise ConfigError(f"{name} contains a control character: {path!r}")
+    if path != path.strip():
+        raise ConfigError(
+            f"{name} starts or ends with white space, which CouchDB's ini reader trims: {path!r}"
+        )
     if " ;" in path or "\t;" in path or " =" in path or "= " in path:
         raise ConfigError(
             f"{name} cannot go into CouchDB's ini file (' ;' starts a comment there and "
