@@ -228,6 +228,32 @@ def test_couch_db_survives_a_test_that_crashed_the_session_server(inner: Inner) 
     inner.assert_nothing_left()
 
 
+def test_the_database_of_a_test_that_stopped_the_server_is_deleted_after_the_restart(
+    inner: Inner,
+) -> None:
+    """The restarted server keeps its basedir: a deletion refused while it was down is redone."""
+    inner.pytester.makepyfile(
+        test_stop="""
+        import pytest
+        from usercouch.http import request
+        from recorder import record
+
+        @pytest.mark.parametrize("how", ["kill", "crash"])
+        def test_stops(couch_db, couch_server, how):
+            record(pid=couch_server.pid, basedir=couch_server.basedir)
+            getattr(couch_server, how)()
+
+        @pytest.mark.parametrize("after", ["kill", "crash"])
+        def test_next(couch_db, couch_server, after):
+            record(pid=couch_server.pid, basedir=couch_server.basedir)
+            dbs = request(couch_db.env, "GET", "/_all_dbs").json()
+            assert [db for db in dbs if not db.startswith("_")] == [couch_db.name]
+        """
+    )
+    inner.run("-p", "no:randomly").assert_outcomes(passed=4)
+    inner.assert_nothing_left()
+
+
 @pytest.mark.slow
 def test_xdist_workers_get_their_own_servers(inner: Inner) -> None:
     inner.pytester.makepyfile(

@@ -295,12 +295,15 @@ class _Deletion(threading.Thread):
         self.env = env
         self.db_name = name
         self.error: Exception | None = None
+        self.server_down = False
 
     def run(self) -> None:
         try:
             _delete(self.env, self.db_name)
         except ConnectionError:
-            pass  # the server is down (a test crashed it): its files go with its basedir
+            # The test stopped the server: finish_deletions() retries once it is back
+            # (check() restarts it on the same basedir, databases and all).
+            self.server_down = True
         except Exception as exc:  # handed to finish_deletions()
             self.error = exc
 
@@ -310,10 +313,21 @@ _DELETIONS: dict[str, list[_Deletion]] = {}
 
 
 def finish_deletions(url: str) -> None:
-    """Wait for the background deletions on the server at ``url``; raise if one failed."""
+    """Wait for the background deletions on the server at ``url``; raise if one failed.
+
+    A deletion the server was down for is redone now; if the server is still down (its
+    last test stopped it and nothing restarted it), its files go with its basedir.
+    """
     errors = []
     for job in _DELETIONS.pop(url, []):
         job.join()
+        if job.server_down:
+            try:
+                _delete(job.env, job.db_name)
+            except ConnectionError:
+                pass
+            except Exception as exc:
+                errors.append(str(exc))
         if job.error is not None:
             errors.append(str(job.error))
     if errors:
