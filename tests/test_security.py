@@ -103,7 +103,7 @@ def _seed(env: dict[str, Any]) -> dict[str, Any]:
 # -- the password never leaves memory -------------------------------------------------------
 
 
-@pytest.fixture(params=["generated", "chosen"])
+@pytest.fixture(params=["generated", "chosen", "debug-log"])
 def busy_couch(request: pytest.FixtureRequest, make_couch: MakeCouch) -> Iterator[UserCouch]:
     """A couch that has served requests, refused a wrong password, restarted and crashed."""
     http = usercouch.http.request  # ``request`` is pytest's fixture request here
@@ -111,6 +111,8 @@ def busy_couch(request: pytest.FixtureRequest, make_couch: MakeCouch) -> Iterato
     config = {}
     if request.param == "chosen":
         config = {"username": "owner", "password": "Correct-Horse-Battery-Staple-42"}
+    if request.param == "debug-log":
+        config = {"loglevel": "debug"}  # PouchDB Server's debug log printed request headers
     env = couch.bootstrap(config=config)
     _seed(env)
     password = env["basic"]["password"]

@@ -8,6 +8,7 @@
 //   * no CORS, no runtime _config changes, no Fauxton;
 //   * PUT/DELETE /db answered only once the database list is written (durable on a kill);
 //   * a document's ETag is its revision, as CouchDB's is;
+//   * no credentials in the debug log's request headers;
 //   * exits at once on SIGTERM/SIGINT, and when the owning process goes away.
 //
 // Usage: node launcher.js --modules DIR/node_modules --config FILE [--ready-fd N]
@@ -111,6 +112,20 @@ function reorderBulkDocs(req, res, next) {
   return next();
 }
 
+// At debug level express-pouchdb logs every request's headers, as CouchDB 1.x did: the Basic
+// credentials and session cookies would land in the log. Write them redacted.
+const CREDENTIAL_HEADER = /\{'(Authorization|Proxy-Authorization|Cookie)', [^\n]*\}/g;
+
+function redactCredentials(logger) {
+  const write = logger._write;
+  if (typeof write !== 'function') {
+    throw new Error('usercouch launcher: express-pouchdb logger not found');
+  }
+  logger._write = function (level, message) {
+    return write.call(logger, level, String(message).replace(CREDENTIAL_HEADER, "{'$1', <redacted>}"));
+  };
+}
+
 // A document: /db/id or /db/_design/id (CouchDB tags _local docs with a hash, not a rev).
 const DOC_PATH = /^\/[^/]+\/(?:_design\/[^/]+|[^/_][^/]*)$/;
 
@@ -193,6 +208,7 @@ function main() {
     overrideMode: { exclude: ['routes/fauxton'] },
   });
   pouchApp.disable('x-powered-by'); // the sub-app sets the header itself
+  redactCredentials(pouchApp.couchLogger);
   insertAfterSessionLayer(pouchApp, makeGuard(options.auth === 'basic'));
 
   const app = express();
