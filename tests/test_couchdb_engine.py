@@ -218,6 +218,20 @@ def test_session_ini_refuses_paths_the_ini_reader_would_cut(base: str) -> None:
         )
 
 
+@pytest.mark.parametrize(
+    "base", ["/a;b=c [admins] #x 'q' \"d\" \\e", "/$(touch x) `id` & | > <", "/ünï ☃/-rf --x"]
+)
+def test_session_ini_paths_read_back_unchanged(base: str) -> None:
+    # parse_ini reads as config.erl does: comments at " ;"/"\t;", split at the first " = ".
+    text = cfg.session_ini(
+        Paths(base), options(), uuid=UUID, port=0, secret=SECRET, admin_hash=HASH
+    )
+    values = {(e.section, e.key): e.value for e in cfg.parse_ini(text, "session.ini")}
+    assert values[("couchdb", "database_dir")] == f"{base}/data"
+    assert values[("couchdb", "uri_file")] == f"{base}/couch.uri"
+    assert values[("log", "file")] == f"{base}/log/couchdb.log"
+
+
 def test_session_ini_refuses_a_tls_path_the_ini_reader_would_trim() -> None:
     from usercouch.config import TLSServer
 
