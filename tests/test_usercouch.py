@@ -56,6 +56,18 @@ def test_unknown_engine_name_is_named(tmp_path: Path) -> None:
     assert not (tmp_path / "lockfile").exists()
 
 
+def test_engine_auto_and_a_bad_usercouch_engine_variable(
+    engine_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("USERCOUCH_ENGINE", "mongo")
+    with pytest.raises(ValueError, match=r"^USERCOUCH_ENGINE: unknown engine 'mongo'"):
+        UserCouch(tmp_path)
+    assert not (tmp_path / "lockfile").exists()
+    monkeypatch.delenv("USERCOUCH_ENGINE")
+    with UserCouch(tmp_path, engine="auto") as couch:  # as USERCOUCH_ENGINE=auto means
+        assert couch.engine.name in ("couchdb", "pouchdb")
+
+
 def test_second_instance_on_same_basedir_gets_lock_error(make_couch: MakeCouch) -> None:
     first = make_couch()
     with pytest.raises(LockError) as info:

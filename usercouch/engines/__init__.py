@@ -26,7 +26,7 @@ def _by_name(name: str) -> Engine:
     try:
         factory = ENGINES[name]
     except KeyError:
-        known = ", ".join(repr(n) for n in ENGINES)
+        known = ", ".join(repr(n) for n in ("auto", *ENGINES))
         raise ValueError(f"unknown engine {name!r}; known engines: {known}") from None
     return factory()
 
@@ -50,15 +50,24 @@ def auto_detect() -> Engine:
 
 
 def get_engine(spec: str | Engine | None = None) -> Engine:
-    """Resolve UserCouch's ``engine`` argument: an Engine, a name, or None (auto)."""
+    """Resolve UserCouch's ``engine`` argument: an Engine, a name, 'auto' or None.
+
+    None follows ``USERCOUCH_ENGINE``; 'auto' (there or here) picks the best installed.
+    """
     if isinstance(spec, Engine):
         return spec
     if spec is None:
         spec = os.environ.get("USERCOUCH_ENGINE") or None
         if spec is None or spec == "auto":
             return auto_detect()
+        try:
+            return _by_name(spec)
+        except ValueError as exc:  # a stale variable is easy to forget: say where it came from
+            raise ValueError(f"USERCOUCH_ENGINE: {exc}") from None
     if not isinstance(spec, str):
         raise TypeError(f"engine must be None, a name or an Engine; got {type(spec).__name__}")
+    if spec == "auto":
+        return auto_detect()
     return _by_name(spec)
 
 
