@@ -113,6 +113,16 @@ def install(
 _ADMIN_HASH_RE = re.compile(r"-pbkdf2-[0-9a-f]+,[0-9a-f]+,[0-9]+\Z")
 
 
+# Keys whose value usercouch owns: overriding them would move data or logs out of the
+# basedir, bypass bind_address validation, or break the stable uuid (CouchDB refuses them too).
+_MANAGED = {
+    ("couchdb", "database_dir"): "the data lives in the basedir",
+    ("couchdb", "uuid"): "use config['uuid']",
+    ("httpd", "bind_address"): "use config['bind_address']",
+    ("log", "file"): "the log lives in the basedir",
+}
+
+
 def _shorten(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -137,6 +147,12 @@ def check_extra(extra: str) -> dict[str, dict[str, Any]]:
             raise ConfigError(
                 f"extra section {section!r} must be a JSON object, e.g. {example}; "
                 f"got {_shorten(shown)}"
+            )
+    for section, key in _MANAGED:
+        if key in parsed.get(section, {}):
+            raise ConfigError(
+                f"extra {section}.{key} is set by usercouch and cannot be overridden "
+                f"({_MANAGED[section, key]})"
             )
     if "usercouch" in parsed:
         raise ConfigError("extra section 'usercouch' is reserved for usercouch's launcher")
