@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -273,7 +274,6 @@ def test_check_restarts_a_crashed_server_on_the_same_port(make_couch: MakeCouch)
 
 
 def test_check_restarts_after_an_outside_kill(make_couch: MakeCouch) -> None:
-    import signal
 
     couch = make_couch()
     env = couch.bootstrap()
@@ -328,7 +328,8 @@ def test_start_timeout_raises_and_leaves_nothing(make_couch: MakeCouch) -> None:
     with pytest.raises(StartError) as info:
         couch.bootstrap()
     assert "not ready after" in str(info.value)
-    assert info.value.command and info.value.returncode is None
+    assert info.value.command and info.value.returncode == -signal.SIGKILL
+    assert "killed by signal 9" in str(info.value)
     assert couch.pid is None
 
 

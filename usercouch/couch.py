@@ -278,9 +278,10 @@ class UserCouch:
             reason = (
                 "server exited during start"
                 if returncode is not None
-                else f"server not ready after {self.timeout:g} s"
+                else f"server not ready after {self.timeout:g} s; usercouch stopped it"
             )
             self._resources.stop_server(grace=0)
+            returncode = proc.returncode
             raise StartError(
                 f"{self.engine.name}: {reason}",
                 command=launch.command,

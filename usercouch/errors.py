@@ -45,7 +45,12 @@ class StartError(UserCouchError):
         self.command = list(command)
         self.returncode = returncode
         self.log_tail = log_tail
-        status = "still running" if returncode is None else f"exit status {returncode}"
+        if returncode is None:
+            status = "still running"
+        elif returncode < 0:
+            status = f"killed by signal {-returncode}"
+        else:
+            status = f"exit status {returncode}"
         message = f"{reason} ({status})\ncommand: {' '.join(self.command)}"
         if log_tail:
             message += f"\nlast lines of the server log:\n{log_tail}"
