@@ -274,7 +274,6 @@ def test_check_restarts_a_crashed_server_on_the_same_port(make_couch: MakeCouch)
 
 
 def test_check_restarts_after_an_outside_kill(make_couch: MakeCouch) -> None:
-
     couch = make_couch()
     env = couch.bootstrap()
     pid = couch.pid
