@@ -130,6 +130,46 @@ def test_home_comes_from_the_environment(
     assert pouchdb.default_home() == str(tmp_path / "cache" / "usercouch" / "pouchdb-server")
 
 
+@pytest.mark.parametrize("kind", ["missing", "not executable", "directory", "bare name"])
+@pytest.mark.parametrize("via", ["argument", "environment"])
+def test_a_wrong_node_makes_the_engine_unusable(
+    kind: str, via: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found unusable up front (and so in `usercouch engines`), not when the server starts.
+    node = {
+        "missing": str(tmp_path / "no" / "node"),
+        "not executable": str(tmp_path / "node.txt"),
+        "directory": str(tmp_path),
+        "bare name": "no-such-node-binary-here",
+    }[kind]
+    (tmp_path / "node.txt").write_text("#!/bin/sh\n")
+    if via == "environment":
+        monkeypatch.setenv("USERCOUCH_NODE", node)
+    with pytest.raises(EngineNotFound) as info:
+        pouchdb.PouchDBServer(home=str(tmp_path), node=node if via == "argument" else None)
+    message = str(info.value)
+    assert repr(node) in message
+    assert ("$USERCOUCH_NODE=" in message) is (via == "environment")
+
+
+def test_node_is_resolved_to_an_executable_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "mynode"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o700)
+    monkeypatch.setenv("PATH", str(bindir))
+    home = tmp_path / "home"
+    server = home / "node_modules" / "pouchdb-server"
+    server.mkdir(parents=True)
+    (server / "package.json").write_text('{"version": "4.2.0"}')
+    assert pouchdb.PouchDBServer(home=str(home), node="mynode").node == str(fake)
+    monkeypatch.setenv("USERCOUCH_NODE", "mynode")
+    assert pouchdb.PouchDBServer(home=str(home)).node == str(fake)
+
+
 def test_is_installed_needs_the_stamp_of_this_lockfile(tmp_path: Path) -> None:
     server = tmp_path / "node_modules" / "pouchdb-server"
     server.mkdir(parents=True)

@@ -211,6 +211,24 @@ def build_config(
     return config
 
 
+def _find_node(node: str | None) -> tuple[str | None, str | None]:
+    """Node.js as an executable path, or why not: a wrong ``node``/``USERCOUCH_NODE`` must
+    make the engine unusable here (and in ``usercouch engines``), not fail at start."""
+    if node:
+        given, source = node, "node="
+    elif os.environ.get("USERCOUCH_NODE"):
+        given, source = os.environ["USERCOUCH_NODE"], "$USERCOUCH_NODE="
+    else:
+        found = shutil.which("node")
+        if found is None:
+            return None, "Node.js: no 'node' on PATH (set USERCOUCH_NODE or install Node.js)"
+        return found, None
+    found = shutil.which(given)
+    if found is None:
+        return None, f"Node.js: {source}{given!r} is not an executable file or a command on PATH"
+    return os.path.abspath(found), None
+
+
 class PouchDBServer(Engine):
     """PouchDB Server 4.2.0 on Node.js, run through usercouch's launcher."""
 
@@ -221,10 +239,8 @@ class PouchDBServer(Engine):
         self.home = os.path.abspath(
             home or os.environ.get("USERCOUCH_POUCHDB_HOME") or default_home()
         )
-        self.node = node or os.environ.get("USERCOUCH_NODE") or shutil.which("node")
-        problems = []
-        if self.node is None:
-            problems.append("Node.js: no 'node' on PATH (set USERCOUCH_NODE or install Node.js)")
+        self.node, node_problem = _find_node(node)
+        problems = [node_problem] if node_problem else []
         server = os.path.join(self.home, "node_modules", "pouchdb-server", "package.json")
         if not os.path.isfile(server):
             problems.append(f"PouchDB Server: not installed in {self.home}")
