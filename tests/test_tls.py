@@ -174,6 +174,23 @@ def test_replication_over_https_trusts_only_the_given_ca(
         assert request(doubting, "GET", "/").status == 200  # a failed replication is no crash
 
 
+def test_replicator_trust_ignores_the_callers_tls_environment(
+    make_couch: MakeCouch, pki: sslhelpers.TempPKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A developer's NODE_TLS_REJECT_UNAUTHORIZED=0 (or extra CAs) meant for their own tools
+    # must not widen what the replicator trusts: config['replicator'] is the whole answer.
+    source = make_couch().bootstrap(config={"ssl": pki.server_config()})["x_env_ssl"]
+    assert request(source, "PUT", "/orig").status == 201
+    assert request(source, "PUT", "/orig/doc", body={"v": 42}).status == 201
+    with sslhelpers.TempPKI() as stranger:
+        monkeypatch.setenv("NODE_TLS_REJECT_UNAUTHORIZED", "0")
+        monkeypatch.setenv("NODE_EXTRA_CA_CERTS", pki.ca.cert_file)
+        doubting = make_couch().bootstrap(config={"replicator": stranger.replicator_config()})
+        assert request(doubting, "PUT", "/copy").status == 201
+        assert _replicate(doubting, credentialed_url(source) + "orig") >= 400
+        assert request(doubting, "GET", "/copy/doc").status == 404
+
+
 @pytest.mark.pouchdb_only
 def test_pouchdb_refuses_replicator_max_depth(
     make_couch: MakeCouch, pki: sslhelpers.TempPKI

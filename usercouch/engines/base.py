@@ -22,6 +22,8 @@ SCRUBBED_ENV = (
     "ERL_FLAGS", "ERL_AFLAGS", "ERL_ZFLAGS", "ERL_LIBS", "COUCHDB_INI_FILES", "COUCHDB_ARGS_FILE",
     "COUCHDB_FAUXTON_DOCROOT", "COUCHDB_QUERY_SERVER_JAVASCRIPT", "NODE_OPTIONS", "NODE_PATH",
     "PORT", "USERCOUCH_ENV", "COUCHDB_URL",
+    # Node's switch that turns off certificate checks would override config['replicator'].
+    "NODE_TLS_REJECT_UNAUTHORIZED",
 )
 
 
