@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from usercouch.config import build_options, pbkdf2_hash
 from usercouch.engines import pouchdb
-from usercouch.errors import ConfigError, EngineNotFound
+from usercouch.errors import ConfigError, EngineNotFound, UserCouchError
 from usercouch.layout import Paths
 
 PATHS = Paths("/base dir")
@@ -184,6 +185,38 @@ def test_is_installed_needs_the_stamp_of_this_lockfile(tmp_path: Path) -> None:
     messages: list[str] = []
     assert pouchdb.install(str(tmp_path), progress=messages.append) == str(tmp_path)
     assert messages == [f"PouchDB Server already installed in {tmp_path}"]
+
+
+def test_install_refuses_a_prefix_that_is_not_its_own(tmp_path: Path) -> None:
+    # A project directory named by mistake: its package.json and node_modules must survive.
+    project = tmp_path / "myapp"
+    (project / "node_modules" / "mylib").mkdir(parents=True)
+    (project / "package.json").write_text('{"name": "myapp"}')
+    with pytest.raises(UserCouchError, match="is not empty and holds no usercouch"):
+        pouchdb.install(str(project), progress=lambda msg: None)
+    assert (project / "package.json").read_text() == '{"name": "myapp"}'
+    assert os.listdir(project / "node_modules") == ["mylib"]
+    assert sorted(os.listdir(project)) == ["node_modules", "package.json"]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    with pytest.raises(NotADirectoryError, match=repr(str(a_file))):
+        pouchdb.install(str(a_file), progress=lambda msg: None)
+
+
+@pytest.mark.parametrize("kind", ["new", "empty", "interrupted install"])
+def test_install_accepts_a_new_empty_or_own_prefix(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix = tmp_path / "prefix"
+    if kind != "new":
+        prefix.mkdir()
+    if kind == "interrupted install":
+        shutil.copyfile(
+            os.path.join(pouchdb.runtime_dir(), "package.json"), prefix / "package.json"
+        )
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-path"))  # stop where npm would run
+    with pytest.raises(EngineNotFound, match="npm not found"):
+        pouchdb.install(str(prefix), progress=lambda msg: None)
 
 
 def test_runtime_files_ship_with_the_package() -> None:

@@ -34,6 +34,7 @@ _LOG_LEVELS = {
 }
 _RUNTIME_FILES = ("package.json", "package-lock.json", ".npmrc")
 _STAMP = ".usercouch-installed"
+_PACKAGE_NAME = "usercouch-pouchdb-server"  # the "name" in the shipped package.json
 
 
 def runtime_dir() -> str:
@@ -70,6 +71,29 @@ def find_npm() -> str:
     return npm
 
 
+def _check_prefix(home: str) -> None:
+    """Refuse a prefix holding anything but a usercouch install: we overwrite package.json
+    and ``npm ci`` deletes node_modules, so a project directory named by mistake would be
+    wrecked."""
+    if not os.path.exists(home):
+        return
+    if not os.path.isdir(home):
+        raise NotADirectoryError(f"install prefix is not a directory: {home!r}")
+    if not os.listdir(home):
+        return
+    try:
+        with open(os.path.join(home, "package.json"), encoding="utf-8") as f:
+            name = json.load(f).get("name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if name != _PACKAGE_NAME:
+        raise UserCouchError(
+            f"install prefix {home!r} is not empty and holds no usercouch PouchDB Server "
+            "(installing would replace its package.json and node_modules); "
+            "choose a new or empty directory"
+        )
+
+
 def install(
     prefix: str | None = None,
     *,
@@ -78,12 +102,13 @@ def install(
     """Install the pinned PouchDB Server into ``prefix`` (default: the per-user cache).
 
     Idempotent: a prefix that already holds this exact lockfile's packages is left alone.
-    Returns the prefix.
+    A prefix holding anything but an earlier install is refused. Returns the prefix.
     """
     home = os.path.abspath(prefix or default_home())
     if is_installed(home):
         progress(f"PouchDB Server already installed in {home}")
         return home
+    _check_prefix(home)
     npm = find_npm()
     os.makedirs(home, exist_ok=True)
     for name in _RUNTIME_FILES:
