@@ -329,6 +329,7 @@ def test_engines_explains_what_is_missing(tmp_path: Path) -> None:
         (["start", "--auth", "oauth"], 2, "invalid choice: 'oauth'"),
         (["start", "--bind", "10.0.0.1"], 2, "invalid choice: '10.0.0.1'"),
         (["start", "--timeout", "0"], 2, "positive number of seconds; got '0'"),
+        (["run", "--timeout", "inf", "--", "true"], 2, "positive number of seconds; got 'inf'"),
         (["start", "--json", "--shell"], 2, "not allowed with argument"),
         (["start", "--engine", "nosuch"], 1, "unknown engine 'nosuch'"),
         (["run"], 2, "run needs a command"),
