@@ -487,6 +487,7 @@ def test_engine_binary_gone(kind: str, engine_name: str, tmp_path: Path) -> None
     err = info.value
     _assert_clear_start_error(err, exited=False)
     assert err.command[0] == str(tmp_path / "uninstalled" / "bin" / "server")
+    assert "(never started)" in str(err) and "still running" not in str(err)
     assert couch.pid is None
     _assert_nothing_running(before_children)
     couch.close()

@@ -258,6 +258,7 @@ class UserCouch:
                 command=launch.command,
                 returncode=None,
                 log_tail=self.log_tail(),
+                started=False,
             ) from exc
         finally:
             launch.close_child_fds()

@@ -40,12 +40,15 @@ class StartError(UserCouchError):
         command: Sequence[str],
         returncode: int | None,
         log_tail: str,
+        started: bool = True,
     ) -> None:
         self.reason = reason
         self.command = list(command)
         self.returncode = returncode
         self.log_tail = log_tail
-        if returncode is None:
+        if not started:  # the command could not even be run
+            status = "never started"
+        elif returncode is None:
             status = "still running"
         elif returncode < 0:
             status = f"killed by signal {-returncode}"
