@@ -347,6 +347,20 @@ def test_bad_arguments_get_one_clear_line(args: list[str], status: int, message:
     assert "error: " in lines[0] and message in lines[0]
 
 
+def test_error_detail_lines_are_indented(tmp_path: Path) -> None:
+    environ = _cli_environ()
+    environ["USERCOUCH_NODE"] = str(tmp_path / "no-node")  # PouchDB Server: not usable
+    result = subprocess.run(
+        _command("start", "--engine", "pouchdb"), env=environ, capture_output=True,
+        text=True, timeout=DEADLINE, check=False,
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    first, *detail = result.stderr.splitlines()
+    assert first.startswith("usercouch: error: ")
+    assert detail and all(line.startswith("    ") for line in detail), result.stderr
+    assert any(repr(str(tmp_path / "no-node")) in line for line in detail)
+
+
 def test_run_refuses_a_file_that_is_not_executable(tmp_path: Path) -> None:
     script = tmp_path / "script.sh"
     script.write_text("#!/bin/sh\nexit 0\n")

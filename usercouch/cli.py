@@ -434,5 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = f"internal error: {type(exc).__name__}: {exc} (run with --debug for more)"
             print(f"usercouch: error: {message}", file=sys.stderr)
             return 1
-        print(f"usercouch: error: {exc}", file=sys.stderr)
+        first, *detail = str(exc).splitlines() or [""]
+        # One line to grep for; the detail (where we looked, the server log) indented below.
+        lines = [f"usercouch: error: {first}"] + ["    " + line for line in detail]
+        print("\n".join(lines), file=sys.stderr)
         return status
