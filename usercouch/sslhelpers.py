@@ -156,11 +156,13 @@ class PKI:
             )
         )
         if server:
-            sans = [
-                x509.IPAddress(ipaddress.ip_address(n)) if n[0].isdigit() or ":" in n
-                else x509.DNSName(n)
-                for n in SERVER_NAMES
-            ]
+            ips = [n for n in SERVER_NAMES if n[0].isdigit() or ":" in n]
+            sans: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(n)) for n in ips]
+            sans += [x509.DNSName(n) for n in SERVER_NAMES if n not in ips]
+            # The IP literals as DNS names too: Erlang/OTP's ssl (CouchDB 3.4+'s replicator)
+            # sends an IP host as SNI and checks it as a DNS name, so an IP SAN alone fails
+            # its host name check (seen with OTP 25). Python and Node.js ignore these.
+            sans += [x509.DNSName(n) for n in ips]
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         return self._save(files, builder.sign(ca_key, hashes.SHA256()))
 
