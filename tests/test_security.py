@@ -313,8 +313,9 @@ def test_wrong_credentials_get_401(
     for header in bad_headers:
         expected: tuple[int, ...] = (401,)
         if header == MALFORMED_BASIC and engine_name == "couchdb":
-            # CouchDB's basic_name_pw catches only function_clause from base64:decode:
-            # 400 on Erlang/OTP 24 and older, 500 where OTP raises badarg. Refused either way.
+            # CouchDB's basic_name_pw turns only a function_clause from base64:decode into
+            # 400; Erlang/OTP 25 raises badarg for this header, which CouchDB answers with
+            # 500. Refused either way.
             expected = (400, 500)
         for method, path in (("GET", "/_all_dbs"), ("GET", "/vault/secret"), ("PUT", "/x-db")):
             resp = _raw(env, method, path, headers={"Authorization": header})
