@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import http.client
 import math
 import os
 import subprocess
@@ -164,7 +165,7 @@ class UserCouch:
             try:
                 # Any HTTP answer means alive: CouchDB 3.4+ may answer 403 to a locked-out user.
                 return request(self.env, "GET", "/", timeout=2.0).status < 500
-            except OSError:
+            except (OSError, http.client.HTTPException):  # refused, reset, or a torn answer
                 return False
 
     def check(self) -> bool:
