@@ -151,6 +151,16 @@ def test_a_wrong_node_makes_the_engine_unusable(
     message = str(info.value)
     assert repr(node) in message
     assert ("$USERCOUCH_NODE=" in message) is (via == "environment")
+    assert "install pouchdb" in message  # tmp_path holds no install either
+
+
+def test_a_wrong_node_alone_does_not_suggest_installing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / "node_modules" / "pouchdb-server").mkdir(parents=True)
+    (home / "node_modules" / "pouchdb-server" / "package.json").write_text('{"version": "4.2.0"}')
+    with pytest.raises(EngineNotFound) as info:
+        pouchdb.PouchDBServer(home=str(home), node=str(tmp_path / "no-node"))
+    assert "Node.js" in str(info.value) and "install pouchdb" not in str(info.value)
 
 
 def test_node_is_resolved_to_an_executable_path(

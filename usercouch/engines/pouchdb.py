@@ -270,10 +270,11 @@ class PouchDBServer(Engine):
         if not os.path.isfile(server):
             problems.append(f"PouchDB Server: not installed in {self.home}")
         if problems:
+            hint = "" if os.path.isfile(server) else (
+                "\nInstall it with: python -m usercouch install pouchdb"
+            )
             raise EngineNotFound(
-                "PouchDB Server engine not usable:\n  - "
-                + "\n  - ".join(problems)
-                + "\nInstall it with: python -m usercouch install pouchdb"
+                "PouchDB Server engine not usable:\n  - " + "\n  - ".join(problems) + hint
             )
         with open(server, encoding="utf-8") as f:
             self._version: str | None = json.load(f).get("version")
