@@ -235,3 +235,32 @@ def test_runtime_files_ship_with_the_package() -> None:
     with open(os.path.join(pouchdb.runtime_dir(), ".npmrc"), encoding="utf-8") as f:
         npmrc = f.read()
     assert "omit=optional" in npmrc and "ignore-scripts=true" in npmrc
+
+
+@pytest.mark.slow
+def test_concurrent_installs_into_one_prefix_run_npm_once(tmp_path: Path) -> None:
+    """Two installs racing for a new prefix: one runs npm ci, the other waits and reuses it."""
+    import threading
+
+    prefix = str(tmp_path / "pouchdb-server")
+    barrier = threading.Barrier(2)
+    messages: list[list[str]] = [[], []]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            pouchdb.install(prefix, progress=messages[i].append)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert not errors
+    assert pouchdb.is_installed(prefix)
+    ran_npm = [m for m in messages if any("npm ci" in line for line in m)]
+    assert len(ran_npm) == 1, messages
+    assert any(f"already installed in {prefix}" in line for m in messages for line in m)

@@ -6,6 +6,8 @@ the pinned npm packages, which adds what a private couch needs and the stock bin
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -13,7 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import resources
 from typing import Any
 
@@ -110,6 +112,31 @@ def install(
         return home
     _check_prefix(home)
     npm = find_npm()
+    with _install_lock(home):
+        if is_installed(home):  # another process finished the same install meanwhile
+            progress(f"PouchDB Server already installed in {home}")
+            return home
+        _run_npm_ci(npm, home, progress)
+    progress(f"PouchDB Server installed in {home}")
+    return home
+
+
+@contextlib.contextmanager
+def _install_lock(home: str) -> Iterator[None]:
+    """Serialise installs into one prefix (two ``npm ci`` in one folder corrupt it).
+
+    The lock file sits beside the prefix, so the prefix itself stays empty until npm runs.
+    """
+    os.makedirs(os.path.dirname(home), exist_ok=True)
+    fd = os.open(home + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _run_npm_ci(npm: str, home: str, progress: Callable[[str], None]) -> None:
     os.makedirs(home, exist_ok=True)
     for name in _RUNTIME_FILES:
         shutil.copyfile(os.path.join(runtime_dir(), name), os.path.join(home, name))
@@ -129,8 +156,6 @@ def install(
         )
     with open(os.path.join(home, _STAMP), "w", encoding="ascii") as f:
         f.write(_lock_digest() + "\n")
-    progress(f"PouchDB Server installed in {home}")
-    return home
 
 
 # What express-pouchdb takes as an already-hashed admin (anything else it hashes itself,
