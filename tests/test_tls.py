@@ -200,3 +200,12 @@ def test_pouchdb_refuses_replicator_max_depth(
     with pytest.raises(ConfigError, match="not supported by the PouchDB Server engine"):
         couch.bootstrap(config={"replicator": dict(pki.replicator_config(), max_depth=2)})
     assert os.listdir(couch.basedir) == ["lockfile"]
+
+
+def test_keys_are_not_written_through_a_planted_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    (tmp_path / "ca.key").symlink_to(target)
+    with pytest.raises(OSError):
+        sslhelpers.PKI(str(tmp_path)).create_ca()
+    assert target.read_text() == ""

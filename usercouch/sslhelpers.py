@@ -50,7 +50,9 @@ _VALIDITY = datetime.timedelta(days=365)
 
 
 def _write(path: str, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    # O_NOFOLLOW: a symlink planted at a key's path must not redirect the private key.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(path, flags, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.chmod(path, mode)
