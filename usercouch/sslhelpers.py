@@ -54,8 +54,8 @@ def _write(path: str, data: bytes, mode: int) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
     fd = os.open(path, flags, mode)
     with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), mode)  # an existing file keeps its old mode through O_CREAT
         f.write(data)
-    os.chmod(path, mode)
 
 
 def _check_name(name: str) -> str:
