@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import http.client
 import json
 import os
 import socket
@@ -40,18 +39,7 @@ def _raw(
     body: Any = None,
 ) -> Response:
     """One request with exactly the headers given (no credentials unless passed)."""
-    url = urlsplit(env["url"])
-    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=10)
-    data = None if body is None else json.dumps(body).encode()
-    all_headers = {"Accept": "application/json", **(headers or {})}
-    if data is not None:
-        all_headers["Content-Type"] = "application/json"
-    try:
-        conn.request(method, url.path + path.lstrip("/"), body=data, headers=all_headers)
-        resp = conn.getresponse()
-        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
-    finally:
-        conn.close()
+    return request(env, method, path, body=body, headers=headers, authorize=False, timeout=10)
 
 
 def _basic(username: str, password: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,8 +33,12 @@ def request(
     body: Any = None,
     timeout: float = 5.0,
     authorize: bool = True,
+    headers: Mapping[str, str] | None = None,
 ) -> Response:
-    """Send one request to ``env['url'] + path``, with the env's credentials unless told not."""
+    """Send one request to ``env['url'] + path``, with the env's credentials unless told not.
+
+    ``headers`` are added last (they win over the defaults, ``Authorization`` included).
+    """
     url = urlsplit(env["url"])
     host = url.hostname or "127.0.0.1"
     conn: http.client.HTTPConnection
@@ -46,15 +51,16 @@ def request(
         conn = http.client.HTTPSConnection(host, url.port, timeout=timeout, context=context)
     else:
         conn = http.client.HTTPConnection(host, url.port, timeout=timeout)
-    headers = {"Accept": "application/json", "Host": url.netloc}
+    sent = {"Accept": "application/json", "Host": url.netloc}
     if authorize and env.get("authorization"):
-        headers["Authorization"] = env["authorization"]
+        sent["Authorization"] = env["authorization"]
     data = None
     if body is not None:
         data = json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
+        sent["Content-Type"] = "application/json"
+    sent.update(headers or {})
     try:
-        conn.request(method, url.path + path.lstrip("/"), body=data, headers=headers)
+        conn.request(method, url.path + path.lstrip("/"), body=data, headers=sent)
         resp = conn.getresponse()
         return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
     finally:
