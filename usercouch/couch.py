@@ -101,9 +101,7 @@ class UserCouch:
         self._mutex = threading.RLock()
         self._options: Options | None = None
         self._uuid: str | None = None
-        self._port = 0
-        self._https_port = 0
-        self._ready: Ready | None = None
+        self._ready: Ready | None = None  # the last start's report; a restart binds its ports
         self.env: dict[str, Any] | None = None
 
     # -- life cycle -----------------------------------------------------------------------
@@ -241,9 +239,10 @@ class UserCouch:
     def _start(self) -> Ready:
         assert self._options is not None and self._uuid is not None
         layout.rotate_log(self.paths)
-        launch = self.engine.prepare(
-            self.paths, self._options, self._uuid, self._port, self._https_port
-        )
+        last = self._ready
+        port = last.port if last is not None else 0
+        https_port = (last.https_port or 0) if last is not None else 0
+        launch = self.engine.prepare(self.paths, self._options, self._uuid, port, https_port)
         try:
             proc = process.spawn(
                 launch.command,
@@ -290,7 +289,5 @@ class UserCouch:
                 returncode=returncode,
                 log_tail=self.log_tail(),
             )
-        self._port = ready.port
-        self._https_port = ready.https_port or 0
         self._ready = ready
         return ready
