@@ -27,7 +27,7 @@ import pytest
 
 from .config import build_options, random_hex
 from .couch import DEFAULT_TIMEOUT, UserCouch
-from .engines import ENGINES, Engine
+from .engines import Engine, check_name
 from .errors import UserCouchError
 from .http import request as http_request
 from .misc import TempCouch
@@ -92,10 +92,10 @@ def check_engine(engine: object, what: str = "engine") -> str | Engine | None:
         raise TypeError(f"{what} must be None, an engine name or an Engine; got {engine!r}")
     if engine == "auto":
         return None
-    if engine not in ENGINES:
-        known = ", ".join(repr(n) for n in ("auto", *ENGINES))
-        raise ValueError(f"{what}: unknown engine {engine!r}; known engines: {known}")
-    return engine
+    try:
+        return check_name(engine)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
 
 
 def engine_option(config: pytest.Config) -> str | None:

@@ -19,16 +19,22 @@ ENGINES: dict[str, Callable[[], Engine]] = {
 #: Auto-detection tries these in order: the real CouchDB first.
 AUTO_ORDER = ("couchdb", "pouchdb")
 
-__all__ = ["ENGINES", "Engine", "Launch", "Ready", "Survey", "auto_detect", "get_engine", "survey"]
+__all__ = [
+    "ENGINES", "Engine", "Launch", "Ready", "Survey", "auto_detect", "check_name", "get_engine",
+    "survey",
+]
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a registered engine; else ValueError listing the known names."""
+    if name not in ENGINES:
+        known = ", ".join(repr(n) for n in ("auto", *ENGINES))
+        raise ValueError(f"unknown engine {name!r}; known engines: {known}")
+    return name
 
 
 def _by_name(name: str) -> Engine:
-    try:
-        factory = ENGINES[name]
-    except KeyError:
-        known = ", ".join(repr(n) for n in ("auto", *ENGINES))
-        raise ValueError(f"unknown engine {name!r}; known engines: {known}") from None
-    return factory()
+    return ENGINES[check_name(name)]()
 
 
 def auto_detect() -> Engine:
