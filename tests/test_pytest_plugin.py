@@ -370,6 +370,13 @@ def test_factories_refuse_bad_arguments_naming_them(call: Any, error: type, name
         call()
 
 
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan")])
+def test_factories_refuse_a_timeout_usercouch_would_refuse(timeout: float) -> None:
+    # At collection, not when the first test's server would start.
+    with pytest.raises(ValueError, match=f"positive, finite number of seconds; got {timeout}"):
+        factories.couch_server_fixture(timeout=timeout)
+
+
 @pytest.mark.parametrize(
     "test_name",
     ["test_x", "test_x[1-2]", "Test Case::test/ä", "123", "", "_", "x" * 300, "a-b$c(d)"],

@@ -28,6 +28,17 @@ from .http import request
 DEFAULT_TIMEOUT = 30.0
 
 
+def check_timeout(timeout: object) -> float:
+    """``timeout`` as seconds, or ValueError naming it: it must be positive and finite."""
+    if (
+        not isinstance(timeout, (int, float))
+        or isinstance(timeout, bool)
+        or not 0 < timeout < math.inf  # also refuses NaN: a start must never hang
+    ):
+        raise ValueError(f"timeout must be a positive, finite number of seconds; got {timeout!r}")
+    return float(timeout)
+
+
 class _Resources:
     """What must be released when a UserCouch goes away: the server and the lock.
 
@@ -84,15 +95,7 @@ class UserCouch:
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.basedir = layout.check_basedir(basedir)
-        if (
-            not isinstance(timeout, (int, float))
-            or isinstance(timeout, bool)
-            or not 0 < timeout < math.inf  # also refuses NaN: a start must never hang
-        ):
-            raise ValueError(
-                f"timeout must be a positive, finite number of seconds; got {timeout!r}"
-            )
-        self.timeout = float(timeout)
+        self.timeout = check_timeout(timeout)
         self.paths = layout.Paths(self.basedir)
         self.lockfile = self.paths.lockfile
         self.engine = get_engine(engine)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import pytest
 
 from .config import build_options, random_hex
-from .couch import DEFAULT_TIMEOUT, UserCouch
+from .couch import DEFAULT_TIMEOUT, UserCouch, check_timeout
 from .engines import Engine, check_name
 from .errors import UserCouchError
 from .http import request as http_request
@@ -140,8 +140,7 @@ def server_spec(
     # Validates auth, config and extra the way bootstrap() will (the credentials made here
     # are thrown away: every server gets its own).
     build_options(auth, config, extra)
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-        raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
+    seconds = check_timeout(timeout)  # as UserCouch will check it, so no server starts first
     assert isinstance(auth, str) and (extra is None or isinstance(extra, str))
     return ServerSpec(
         scope=scope,  # type: ignore[arg-type]  # checked against SCOPES above
@@ -149,7 +148,7 @@ def server_spec(
         config=copy.deepcopy(dict(config)) if isinstance(config, Mapping) else None,
         extra=extra,
         engine=check_engine(engine),
-        timeout=float(timeout),
+        timeout=seconds,
         follow_option=engine is None,
     )
 
