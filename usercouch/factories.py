@@ -98,6 +98,11 @@ def check_engine(engine: object, what: str = "engine") -> str | Engine | None:
         raise ValueError(f"{what}: {exc}") from None
 
 
+def _check_scope(scope: object) -> None:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
+
+
 def engine_option(config: pytest.Config) -> str | None:
     """The engine named by ``--usercouch-engine`` or the ``usercouch_engine`` ini key.
 
@@ -135,8 +140,7 @@ def server_spec(
     timeout: object = DEFAULT_TIMEOUT,
 ) -> ServerSpec:
     """Check a server fixture's arguments now, naming any bad value; return them frozen."""
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
+    _check_scope(scope)
     # Validates auth, config and extra the way bootstrap() will (the credentials made here
     # are thrown away: every server gets its own).
     build_options(auth, config, extra)
@@ -385,8 +389,7 @@ def couch_db_fixture(server: str = "couch_server", *, scope: Scope = "function")
     """
     if not isinstance(server, str) or not server.isidentifier():
         raise ValueError(f"server must be the name of a fixture; got {server!r}")
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
+    _check_scope(scope)
 
     def db_fixture(request: pytest.FixtureRequest) -> Iterator[CouchDatabase]:
         value = request.getfixturevalue(server)
