@@ -371,7 +371,7 @@ class CouchDB(Engine):
         credentials, and ``_users`` and ``_replicator`` exist (they appear just after)."""
         listeners = 2 if options.ssl is not None else 1
         ports = process.wait_for(
-            lambda: self._read_uri_file(launch, listeners), proc, deadline
+            lambda: self._read_uri_file(launch, proc, listeners), proc, deadline
         )
         if ports is None:
             return None
@@ -390,7 +390,9 @@ class CouchDB(Engine):
             return self._not_ready(launch, proc, probe)
         return Ready(port=ports["http"], https_port=ports.get("https"), version=version)
 
-    def _read_uri_file(self, launch: Launch, listeners: int) -> dict[str, int] | None:
+    def _read_uri_file(
+        self, launch: Launch, proc: subprocess.Popen[bytes], listeners: int
+    ) -> dict[str, int] | None:
         try:
             with open(launch.state["uri_file"], encoding="utf-8") as f:
                 text = f.read()
@@ -399,12 +401,7 @@ class CouchDB(Engine):
         try:
             return cfg.parse_uri_file(text, listeners)
         except ValueError as exc:
-            raise StartError(
-                f"couchdb: unexpected uri file content: {exc}",
-                command=launch.command,
-                returncode=None,
-                log_tail=tail(launch.state["logfile"]),
-            ) from None
+            raise self._error(launch, proc, f"unexpected uri file content: {exc}") from None
 
     def _error(self, launch: Launch, proc: subprocess.Popen[bytes], reason: str) -> StartError:
         return StartError(
