@@ -55,6 +55,11 @@ def _lock_digest() -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def _server_manifest(home: str) -> str:
+    """The installed pouchdb-server's package.json: there if the install is, names its version."""
+    return os.path.join(home, "node_modules", "pouchdb-server", "package.json")
+
+
 def is_installed(home: str) -> bool:
     """True if ``home`` holds the exact pinned PouchDB Server this usercouch expects."""
     try:
@@ -62,8 +67,7 @@ def is_installed(home: str) -> bool:
             stamp = f.read().strip()
     except OSError:
         return False
-    server = os.path.join(home, "node_modules", "pouchdb-server", "package.json")
-    return stamp == _lock_digest() and os.path.isfile(server)
+    return stamp == _lock_digest() and os.path.isfile(_server_manifest(home))
 
 
 def find_npm() -> str:
@@ -291,13 +295,12 @@ class PouchDBServer(Engine):
         )
         self.node, node_problem = _find_node(node)
         problems = [node_problem] if node_problem else []
-        server = os.path.join(self.home, "node_modules", "pouchdb-server", "package.json")
-        if not os.path.isfile(server):
+        server = _server_manifest(self.home)
+        installed = os.path.isfile(server)
+        if not installed:
             problems.append(f"PouchDB Server: not installed in {self.home}")
         if problems:
-            hint = "" if os.path.isfile(server) else (
-                "\nInstall it with: python -m usercouch install pouchdb"
-            )
+            hint = "" if installed else "\nInstall it with: python -m usercouch install pouchdb"
             raise EngineNotFound(
                 "PouchDB Server engine not usable:\n  - " + "\n  - ".join(problems) + hint
             )
