@@ -10,7 +10,7 @@ import base64
 import hashlib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,15 +172,18 @@ def _check_file(where: str, value: object) -> str:
     return path
 
 
+def _refuse_unknown(keys: Iterable[object], known: tuple[str, ...], what: str) -> None:
+    bad = [k for k in keys if k not in known]
+    if bad:
+        raise ConfigError(
+            f"unknown {what}: {', '.join(repr(k) for k in bad)}; known keys: {', '.join(known)}"
+        )
+
+
 def _check_section(key: str, value: object, known: tuple[str, ...]) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise ConfigError(f"config[{key!r}] must be a dict; got {type(value).__name__}")
-    bad = [k for k in value if k not in known]
-    if bad:
-        raise ConfigError(
-            f"unknown key(s) in config[{key!r}]: {', '.join(repr(k) for k in bad)}; "
-            f"known keys: {', '.join(known)}"
-        )
+    _refuse_unknown(value, known, f"key(s) in config[{key!r}]")
     return value
 
 
@@ -258,12 +261,7 @@ def build_options(
         raise TypeError(f"config must be a dict or None; got {type(config).__name__}")
     if extra is not None and not isinstance(extra, str):
         raise TypeError(f"extra must be a str or None; got {type(extra).__name__}")
-    bad_keys = [k for k in config if k not in CONFIG_KEYS]
-    if bad_keys:
-        raise ConfigError(
-            f"unknown config key(s): {', '.join(repr(k) for k in bad_keys)}; "
-            f"known keys: {', '.join(CONFIG_KEYS)}"
-        )
+    _refuse_unknown(config, CONFIG_KEYS, "config key(s)")
     merged: dict[str, Any] = {**DEFAULTS, **config}
     bind_address = _check_choice("bind_address", merged["bind_address"], BIND_ADDRESSES)
     loglevel = _check_choice("loglevel", merged["loglevel"], LOG_LEVELS)
