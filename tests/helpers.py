@@ -18,14 +18,23 @@ def poll(condition: Callable[[], bool], timeout: float = 5.0, interval: float = 
         time.sleep(interval)
 
 
+def _stat(pid: int | str) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name: state, parent pid, group, ..."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def _live(state: str) -> bool:
+    return state not in ("Z", "X")
+
+
 def pid_exists(pid: int) -> bool:
     """True if ``pid`` is a live (non-zombie) process."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
+        state = _stat(pid)[0]
     except (FileNotFoundError, ProcessLookupError):
         return False
-    return state not in ("Z", "X")
+    return _live(state)
 
 
 def pid_gone(pid: int, timeout: float = 5.0) -> bool:
@@ -39,15 +48,10 @@ def _processes() -> Iterator[tuple[int, str, int, int]]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat", encoding="ascii") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            fields = _stat(entry)
         except OSError:
             continue
         yield int(entry), fields[0], int(fields[1]), int(fields[2])
-
-
-def _live(state: str) -> bool:
-    return state not in ("Z", "X")
 
 
 def children_of(pid: int | None = None) -> set[int]:
