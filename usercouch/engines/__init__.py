@@ -63,18 +63,15 @@ def get_engine(spec: str | Engine | None = None) -> Engine:
     if isinstance(spec, Engine):
         return spec
     if spec is None:
-        spec = os.environ.get("USERCOUCH_ENGINE") or None
-        if spec is None or spec == "auto":
-            return auto_detect()
-        try:
-            return _by_name(spec)
-        except ValueError as exc:  # a stale variable is easy to forget: say where it came from
-            raise ValueError(f"USERCOUCH_ENGINE: {exc}") from None
-    if not isinstance(spec, str):
+        spec = os.environ.get("USERCOUCH_ENGINE") or "auto"
+        if spec != "auto":
+            try:
+                check_name(spec)
+            except ValueError as exc:  # a stale variable is easy to forget: say where it came from
+                raise ValueError(f"USERCOUCH_ENGINE: {exc}") from None
+    elif not isinstance(spec, str):
         raise TypeError(f"engine must be None, a name or an Engine; got {type(spec).__name__}")
-    if spec == "auto":
-        return auto_detect()
-    return _by_name(spec)
+    return auto_detect() if spec == "auto" else _by_name(spec)
 
 
 @dataclass(frozen=True)
