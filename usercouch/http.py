@@ -1,4 +1,5 @@
-"""A minimal HTTP client for usercouch's own probes (liveness, readiness).
+"""A minimal HTTP client for usercouch's own requests (readiness and liveness probes, the
+fixtures' test databases, the demo).
 
 The standard library only: usercouch must not need a CouchDB client to run one.
 """
@@ -14,7 +15,7 @@ from urllib.parse import urlsplit
 
 
 class Response:
-    """Status, headers and decoded JSON (or None) of one request."""
+    """Status, headers (lower-case names) and raw body of one response; ``json()`` decodes it."""
 
     def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
         self.status = status
