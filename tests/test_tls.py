@@ -209,3 +209,19 @@ def test_keys_are_not_written_through_a_planted_symlink(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         sslhelpers.PKI(str(tmp_path)).create_ca()
     assert target.read_text() == ""
+
+
+def test_client_config_verifies_the_server_and_presents_the_client_cert(
+    make_couch: MakeCouch, pki: sslhelpers.TempPKI
+) -> None:
+    env = make_couch().bootstrap(config={"ssl": pki.server_config()})
+    client = pki.client_config()
+    assert pki.client is not None and pki.ca is not None
+    assert client == {
+        "ca_file": pki.ca.cert_file,
+        "check_hostname": True,
+        "cert_file": pki.client.cert_file,
+        "key_file": pki.client.key_file,
+    }
+    # An env whose ssl part is the client config works as is (the cert is offered, unused).
+    assert request(dict(env["x_env_ssl"], ssl=client), "GET", "/").status == 200
